@@ -1,0 +1,186 @@
+//! `Application`: builds everything from a `Config`, owns the listener, runs until stopped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::Bus;
+use crate::bus::hub::Hub;
+use crate::bus::memory::MemoryBus;
+use crate::bus::redis::{BusTimeouts, RedisBus};
+use crate::chat::{ChatLimits, ChatService};
+use crate::config::Config;
+use crate::state::{AppState, Inner};
+use crate::store::memory::MemoryStore;
+use crate::store::redis::{Keys, RedisStore};
+use crate::store::{Store, StoreSettings};
+use crate::ws::session::SessionSettings;
+
+/// Longest wait for background tasks (bus subscriber, presence refresher) after sessions
+/// have closed.
+const BACKGROUND_STOP: Duration = Duration::from_secs(5);
+
+/// Why the application could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("{0}")]
+    Redis(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    /// Stops background tasks once sessions are gone.
+    background: CancellationToken,
+    background_tasks: TaskTracker,
+    grace: Duration,
+}
+
+impl Application {
+    /// Connects the store and bus, starts background tasks and binds the listener
+    /// (port 0 picks a free port; see [`Application::port`]).
+    ///
+    /// # Errors
+    /// Redis configured but unreachable within `redis.startup_timeout_secs`, or the
+    /// address cannot be bound.
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        let replica = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let hub = Arc::new(Hub::new(replica.clone()));
+        let shutdown = CancellationToken::new();
+        let background = CancellationToken::new();
+        let background_tasks = TaskTracker::new();
+        let sessions = TaskTracker::new();
+        let settings = StoreSettings {
+            history_max: config.store.history_max,
+            history_ttl_secs: config.store.history_ttl_secs,
+            presence_ttl_ms: config.store.presence_ttl_secs * 1000,
+            typing_ttl_secs: config.store.typing_ttl_secs,
+        };
+
+        let (store, bus): (Arc<dyn Store>, Arc<dyn Bus>) = if config.uses_redis() {
+            let (client, conn) = crate::store::redis::connect(&config.redis)
+                .await
+                .map_err(StartupError::Redis)?;
+            let keys = Keys::new(&config.redis.key_prefix);
+            let bus = RedisBus::start(
+                client,
+                keys.clone(),
+                hub.clone(),
+                BusTimeouts {
+                    connect: Duration::from_millis(config.redis.connect_timeout_ms),
+                    command: Duration::from_millis(config.redis.command_timeout_ms),
+                },
+                background.clone(),
+                &background_tasks,
+            );
+            tracing::info!(redis = %config.redis.redacted_url(), replica, "store and bus on Redis");
+            (Arc::new(RedisStore::new(conn, keys, settings)), Arc::new(bus))
+        } else {
+            let bus = Arc::new(MemoryBus::new(hub.clone()));
+            tracing::info!(replica, "store and bus in memory (single process)");
+            (Arc::new(MemoryStore::new(settings, bus.clone())), bus)
+        };
+
+        let limits = ChatLimits {
+            history_default_limit: config.chat.history_default_limit,
+            history_max_limit: config.chat.history_max_limit,
+            max_text_bytes: config.chat.max_text_bytes,
+            max_media_bytes: config.chat.max_media_bytes,
+            outbound_queue: config.ws.outbound_queue,
+            presence_refresh: Duration::from_secs(config.store.presence_refresh_secs),
+        };
+        let chat = Arc::new(ChatService::new(store, bus, hub, limits, sessions.clone()));
+        background_tasks.spawn(chat.clone().refresh_presence(background.clone()));
+
+        let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+        let session = SessionSettings {
+            ping_interval: Duration::from_secs(config.ws.ping_interval_secs),
+            pong_timeout: Duration::from_secs(config.ws.pong_timeout_secs),
+            write_timeout: Duration::from_secs(config.ws.write_timeout_secs),
+            drain_window: grace.mul_f64(0.8),
+        };
+        let addr = format!("{}:{}", config.server.host, config.server.port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let state = AppState::new(Inner {
+            config: Arc::new(config),
+            chat,
+            shutdown,
+            sessions,
+            session,
+        });
+        Ok(Self {
+            listener,
+            state,
+            background,
+            background_tasks,
+            grace,
+        })
+    }
+
+    /// The bound port (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Cancel it to start the drain (what SIGTERM does).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+
+    /// The application state (for tests and benchmarks that inspect the hub).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until the shutdown token is cancelled, then drains: stops accepting, closes
+    /// WebSocket sessions with 1001 spread over the drain window (each leaves presence),
+    /// waits for them up to `server.shutdown_grace_secs`, then stops background tasks.
+    ///
+    /// # Errors
+    /// The listener failed.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let Self {
+            listener,
+            state,
+            background,
+            background_tasks,
+            grace,
+        } = self;
+        let shutdown = state.shutdown.clone();
+        let sessions = state.sessions.clone();
+        let router = crate::http::middleware::apply(crate::http::router(state.clone()), &state.config);
+        tracing::info!(addr = %listener.local_addr()?, "listening");
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await?;
+
+        let open = state.chat.hub().session_count();
+        tracing::info!(sessions = open, grace_secs = grace.as_secs(), "draining WebSocket sessions");
+        sessions.close();
+        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+            tracing::warn!(
+                left = state.chat.hub().session_count(),
+                "grace period over with sessions still open; exiting anyway"
+            );
+        }
+        background.cancel();
+        background_tasks.close();
+        let _ = tokio::time::timeout(BACKGROUND_STOP, background_tasks.wait()).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,281 @@
+//! The Redis bus: one pub/sub connection per process.
+//!
+//! A single task owns the connection. Sessions ask it, through a queue, to subscribe to
+//! their channel (and wait for the confirmation) and to release it when they leave; the
+//! task keeps a subscription exactly while the hub has members for it. When the connection
+//! drops (Redis restarted, network cut, a ping unanswered) the task reconnects with capped
+//! exponential backoff and jitter and re-subscribes to every channel that still has local
+//! members; until then [`Bus::is_ready`] is false and `/readyz` fails.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Bus, BusError, Deliver};
+use crate::store::redis::Keys;
+
+/// How often the subscriber pings Redis to notice a dead connection that sent no RST.
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// First and largest pause between reconnect attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+enum Command {
+    Subscribe(String, oneshot::Sender<()>),
+    Release(String),
+}
+
+pub struct RedisBus {
+    commands: mpsc::UnboundedSender<Command>,
+    ready: Arc<AtomicBool>,
+    /// Longest wait for a subscription confirmation.
+    wait: Duration,
+    /// Times the subscriber connection was re-established.
+    pub reconnects: Arc<AtomicU64>,
+}
+
+/// Timing of the subscriber.
+#[derive(Debug, Clone, Copy)]
+pub struct BusTimeouts {
+    pub connect: Duration,
+    pub command: Duration,
+}
+
+impl RedisBus {
+    /// Starts the subscriber task on `tracker`; it stops when `shutdown` is cancelled.
+    pub fn start(
+        client: redis::Client,
+        keys: Keys,
+        sink: Arc<dyn Deliver>,
+        timeouts: BusTimeouts,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Self {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let ready = Arc::new(AtomicBool::new(false));
+        let reconnects = Arc::new(AtomicU64::new(0));
+        let subscriber = Subscriber {
+            client,
+            keys,
+            sink,
+            timeouts,
+            ready: ready.clone(),
+            reconnects: reconnects.clone(),
+            wanted: HashSet::new(),
+            waiting: Vec::new(),
+        };
+        tracker.spawn(subscriber.run(rx, shutdown));
+        Self {
+            commands,
+            ready,
+            wait: timeouts.connect + timeouts.command,
+            reconnects,
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    async fn subscribe(&self, channel: &str) -> Result<(), BusError> {
+        let (ack, done) = oneshot::channel();
+        self.commands
+            .send(Command::Subscribe(channel.to_string(), ack))
+            .map_err(|_| BusError("subscriber stopped".into()))?;
+        match timeout(self.wait, done).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(BusError("subscriber stopped".into())),
+            Err(_) => Err(BusError("subscription not confirmed in time".into())),
+        }
+    }
+
+    fn release(&self, channel: &str) {
+        let _ = self.commands.send(Command::Release(channel.to_string()));
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+struct Subscriber {
+    client: redis::Client,
+    keys: Keys,
+    sink: Arc<dyn Deliver>,
+    timeouts: BusTimeouts,
+    ready: Arc<AtomicBool>,
+    reconnects: Arc<AtomicU64>,
+    /// Chat channels currently subscribed (or to subscribe on reconnect).
+    wanted: HashSet<String>,
+    /// Sessions waiting for a confirmation while the connection is down.
+    waiting: Vec<oneshot::Sender<()>>,
+}
+
+enum Exit {
+    Shutdown,
+    Disconnected(String),
+}
+
+impl Subscriber {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        let mut connected_before = false;
+        loop {
+            let exit = self.session(&mut rx, &shutdown, &mut connected_before).await;
+            self.ready.store(false, Ordering::Release);
+            match exit {
+                Exit::Shutdown => return,
+                Exit::Disconnected(why) => {
+                    tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64,
+                        "bus subscriber disconnected from Redis; reconnecting");
+                }
+            }
+            // Wait out the backoff, still taking commands so callers are not stuck.
+            let pause = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+            let sleep = tokio::time::sleep(pause);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = &mut sleep => break,
+                    cmd = rx.recv() => match cmd {
+                        Some(cmd) => self.queue_while_down(cmd),
+                        None => return,
+                    },
+                }
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            if self.ready.load(Ordering::Acquire) {
+                backoff = BACKOFF_MIN;
+            }
+        }
+    }
+
+    fn queue_while_down(&mut self, cmd: Command) {
+        match cmd {
+            Command::Subscribe(channel, ack) => {
+                self.wanted.insert(channel);
+                self.waiting.push(ack);
+            }
+            Command::Release(channel) => {
+                if !self.sink.has_members(&channel) {
+                    self.wanted.remove(&channel);
+                }
+            }
+        }
+    }
+
+    /// One connection's life: connect, subscribe everything wanted, then serve.
+    async fn session(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Command>,
+        shutdown: &CancellationToken,
+        connected_before: &mut bool,
+    ) -> Exit {
+        let connect = timeout(self.timeouts.connect, self.client.get_async_pubsub());
+        let pubsub = tokio::select! {
+            () = shutdown.cancelled() => return Exit::Shutdown,
+            r = connect => match r {
+                Ok(Ok(pubsub)) => pubsub,
+                Ok(Err(e)) => return Exit::Disconnected(e.to_string()),
+                Err(_) => return Exit::Disconnected("connect timed out".into()),
+            },
+        };
+        let (mut sink, mut stream) = pubsub.split();
+
+        // The hub is the truth for what is wanted; keep queued subscribes too.
+        self.wanted.retain(|ch| self.sink.has_members(ch));
+        let mut wanted: Vec<String> = self.wanted.iter().cloned().collect();
+        wanted.extend(self.sink.channels());
+        wanted.sort();
+        wanted.dedup();
+        if !wanted.is_empty() {
+            let names: Vec<String> = wanted.iter().map(|c| self.keys.events(c)).collect();
+            match timeout(self.timeouts.command, sink.subscribe(&names)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Exit::Disconnected(e.to_string()),
+                Err(_) => return Exit::Disconnected("resubscribe timed out".into()),
+            }
+        }
+        self.wanted = wanted.into_iter().collect();
+        self.ready.store(true, Ordering::Release);
+        if *connected_before {
+            self.reconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(channels = self.wanted.len(), "bus subscriber reconnected and resubscribed");
+        }
+        *connected_before = true;
+        for ack in self.waiting.drain(..) {
+            let _ = ack.send(());
+        }
+
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Exit::Shutdown,
+                msg = stream.next() => {
+                    let Some(msg) = msg else {
+                        return Exit::Disconnected("connection closed".into());
+                    };
+                    if let Some(channel) = self.keys.channel_of_events(msg.get_channel_name()) {
+                        self.sink.deliver(channel, msg.get_payload_bytes());
+                    }
+                }
+                cmd = rx.recv() => match cmd {
+                    None => return Exit::Shutdown,
+                    Some(Command::Subscribe(channel, ack)) => {
+                        if self.wanted.contains(&channel) {
+                            let _ = ack.send(());
+                            continue;
+                        }
+                        let name = self.keys.events(&channel);
+                        match timeout(self.timeouts.command, sink.subscribe(&name)).await {
+                            Ok(Ok(())) => {
+                                self.wanted.insert(channel);
+                                let _ = ack.send(());
+                            }
+                            failed => {
+                                self.wanted.insert(channel);
+                                self.waiting.push(ack);
+                                return Exit::Disconnected(describe(failed));
+                            }
+                        }
+                    }
+                    Some(Command::Release(channel)) => {
+                        if self.sink.has_members(&channel) || !self.wanted.remove(&channel) {
+                            continue;
+                        }
+                        let name = self.keys.events(&channel);
+                        if let failed @ (Ok(Err(_)) | Err(_)) =
+                            timeout(self.timeouts.command, sink.unsubscribe(&name)).await
+                        {
+                            return Exit::Disconnected(describe(failed));
+                        }
+                    }
+                },
+                _ = ping.tick() => {
+                    let pong = timeout(self.timeouts.command, sink.ping::<redis::Value>()).await;
+                    if let failed @ (Ok(Err(_)) | Err(_)) = pong {
+                        return Exit::Disconnected(describe(failed.map(|r| r.map(drop))));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn describe(result: Result<redis::RedisResult<()>, tokio::time::error::Elapsed>) -> String {
+    match result {
+        Ok(Ok(())) => "ok".into(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".into(),
+    }
+}

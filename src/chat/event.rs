@@ -1,0 +1,200 @@
+//! Events: the frames the server sends to WebSocket clients, and the envelope that carries
+//! them between replicas over the bus.
+//!
+//! A frame is serialized once, when it is published; every replica forwards those bytes
+//! unchanged to each local member (the envelope keeps the frame as raw JSON). Only the echo
+//! to the sending connection differs: it gains the client's `client_id`.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::model::{ChatMessage, Timestamp};
+
+/// A frame sent by the server to a WebSocket client, tagged by `type` as in the original.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// A chat message, also echoed to its sender (with `client_id` when the sender gave one).
+    Message(ChatMessage),
+    UserJoined {
+        username: String,
+        channel: String,
+        timestamp: Timestamp,
+    },
+    UserLeft {
+        username: String,
+        channel: String,
+        timestamp: Timestamp,
+    },
+    TypingStatus {
+        username: String,
+        channel: String,
+        is_typing: bool,
+        timestamp: Timestamp,
+    },
+    MessageDeleted {
+        message_id: String,
+        channel: String,
+        timestamp: Timestamp,
+    },
+    /// Sent only to the connection concerned, never over the bus.
+    Error {
+        code: &'static str,
+        detail: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+}
+
+impl ServerFrame {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("frames always serialize")
+    }
+
+    pub fn error(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::Error {
+            code,
+            detail: detail.into(),
+            retry_after_ms: None,
+        }
+    }
+}
+
+/// The connection an event came from: which replica, and which connection on it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Origin<'a> {
+    #[serde(rename = "r", borrow)]
+    pub replica: Cow<'a, str>,
+    #[serde(rename = "c")]
+    pub conn: u64,
+}
+
+/// How an event is delivered to the connection it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Echo {
+    /// Everyone gets it, the origin included (chat messages: the echo is the ack).
+    All,
+    /// Everyone but the origin connection (joins, leaves, typing; as the original does).
+    Others,
+}
+
+/// The bus payload: a frame plus how to deliver it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope<'a> {
+    /// Payload version, so a rolling upgrade can tell old envelopes from new ones.
+    pub v: u8,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin<'a>>,
+    pub echo: Echo,
+    /// Copied into the origin's echo only.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<Cow<'a, str>>,
+    /// Ephemeral events (typing) are the first dropped for a slow client.
+    #[serde(default)]
+    pub ephemeral: bool,
+    #[serde(borrow)]
+    pub frame: &'a RawValue,
+}
+
+/// Current envelope version.
+pub const ENVELOPE_VERSION: u8 = 1;
+
+impl<'a> Envelope<'a> {
+    /// Serializes a frame into a bus payload.
+    pub fn encode(
+        frame: &ServerFrame,
+        origin: Option<Origin<'_>>,
+        echo: Echo,
+        client_id: Option<&str>,
+        ephemeral: bool,
+    ) -> Vec<u8> {
+        let frame = RawValue::from_string(frame.to_json()).expect("frame is JSON");
+        let envelope = Envelope {
+            v: ENVELOPE_VERSION,
+            origin,
+            echo,
+            client_id: client_id.map(Cow::Borrowed),
+            ephemeral,
+            frame: &frame,
+        };
+        serde_json::to_vec(&envelope).expect("envelopes always serialize")
+    }
+
+    /// # Errors
+    /// When the payload is not an envelope (another publisher on the same channel).
+    pub fn decode(payload: &'a [u8]) -> serde_json::Result<Self> {
+        serde_json::from_slice(payload)
+    }
+}
+
+/// Adds `"client_id":<id>` to a serialized frame (a JSON object).
+pub fn with_client_id(frame: &str, client_id: &str) -> String {
+    let body = frame.trim_end();
+    let body = body.strip_suffix('}').unwrap_or(body);
+    let id = serde_json::to_string(client_id).expect("strings serialize");
+    format!("{body},\"client_id\":{id}}}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message() -> ChatMessage {
+        ChatMessage {
+            sender: "alice".into(),
+            content: "hi".into(),
+            channel: "general".into(),
+            message_type: "text".into(),
+            timestamp: Timestamp::parse("2024-01-01T12:00:00").unwrap(),
+            message_id: "m1".into(),
+        }
+    }
+
+    #[test]
+    fn frames_have_the_original_shapes() {
+        let json = ServerFrame::Message(message()).to_json();
+        assert_eq!(
+            json,
+            r#"{"type":"message","sender":"alice","content":"hi","channel":"general","message_type":"text","timestamp":"2024-01-01T12:00:00.000000Z","message_id":"m1"}"#
+        );
+        let json = ServerFrame::TypingStatus {
+            username: "bob".into(),
+            channel: "general".into(),
+            is_typing: true,
+            timestamp: Timestamp::parse("2024-01-01T12:00:00").unwrap(),
+        }
+        .to_json();
+        assert_eq!(
+            json,
+            r#"{"type":"typing_status","username":"bob","channel":"general","is_typing":true,"timestamp":"2024-01-01T12:00:00.000000Z"}"#
+        );
+        let json = ServerFrame::error("invalid_json", "nope").to_json();
+        assert_eq!(json, r#"{"type":"error","code":"invalid_json","detail":"nope"}"#);
+    }
+
+    #[test]
+    fn envelopes_round_trip_and_keep_the_frame_bytes() {
+        let frame = ServerFrame::Message(message());
+        let origin = Origin {
+            replica: "r1".into(),
+            conn: 7,
+        };
+        let bytes = Envelope::encode(&frame, Some(origin.clone()), Echo::All, Some("c-1"), false);
+        let env = Envelope::decode(&bytes).unwrap();
+        assert_eq!(env.origin, Some(origin));
+        assert_eq!(env.echo, Echo::All);
+        assert_eq!(env.client_id.as_deref(), Some("c-1"));
+        assert_eq!(env.frame.get(), frame.to_json());
+    }
+
+    #[test]
+    fn client_id_is_appended_as_json() {
+        let echoed = with_client_id(r#"{"type":"message","a":1}"#, "x\"y");
+        let v: serde_json::Value = serde_json::from_str(&echoed).unwrap();
+        assert_eq!(v["client_id"], "x\"y");
+        assert_eq!(v["a"], 1);
+    }
+}

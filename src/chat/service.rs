@@ -1,0 +1,582 @@
+//! The chat service: every way in (WebSocket frames, REST calls) goes through here.
+//!
+//! Order of work for a message: validate (types from [`super::model`]) → build the stored
+//! entry and the bus event → one atomic store call that appends and publishes. The event
+//! then reaches every replica's hub, the sender's included: the sender's echo (with its
+//! `message_id`) is its acknowledgement, and it arrives in history order.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::event::{Echo, Envelope, Origin, ServerFrame};
+use super::model::{
+    ChannelName, ChatMessage, MessageId, MessageType, Timestamp, Username, ValidationError,
+};
+use crate::bus::hub::{Hub, Member};
+use crate::bus::Bus;
+use crate::store::{PresenceMember, Store, StoreError};
+
+/// Why a chat operation failed. Maps to a REST status and a WebSocket error code.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    /// The input breaks a documented rule; safe to show.
+    #[error("{0}")]
+    Invalid(ValidationError),
+    /// The message or resource does not exist.
+    #[error("{0}")]
+    NotFound(&'static str),
+    /// Redis (store or bus) failed; the cause is for logs only.
+    #[error("chat store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<ValidationError> for ChatError {
+    fn from(e: ValidationError) -> Self {
+        Self::Invalid(e)
+    }
+}
+
+impl From<StoreError> for ChatError {
+    fn from(e: StoreError) -> Self {
+        Self::Unavailable(e.0)
+    }
+}
+
+/// Content and size rules, from `[chat]` and `[ws]` config.
+#[derive(Debug, Clone)]
+pub struct ChatLimits {
+    pub history_default_limit: usize,
+    pub history_max_limit: usize,
+    pub max_text_bytes: usize,
+    pub max_media_bytes: usize,
+    /// Frames that may wait for one session.
+    pub outbound_queue: usize,
+    /// How often this replica refreshes its connections' presence.
+    pub presence_refresh: Duration,
+}
+
+/// Validated message content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draft {
+    content: String,
+    message_type: MessageType,
+}
+
+impl Draft {
+    /// Checks content against its type: text within `max_text_bytes` and not empty;
+    /// image and audio as `data:image/...;base64,` / `data:audio/...;base64,` URLs within
+    /// `max_media_bytes`.
+    ///
+    /// # Errors
+    /// `invalid_message_type`, `empty_content`, `content_too_large` or `invalid_media`.
+    pub fn parse(
+        content: String,
+        message_type: &str,
+        limits: &ChatLimits,
+    ) -> Result<Self, ValidationError> {
+        let message_type = MessageType::parse(message_type)?;
+        if content.is_empty() {
+            return Err(ValidationError::new(
+                "empty_content",
+                "content must not be empty",
+            ));
+        }
+        let (max, prefix) = match message_type {
+            MessageType::Text => (limits.max_text_bytes, None),
+            MessageType::Image => (limits.max_media_bytes, Some("data:image/")),
+            MessageType::Audio => (limits.max_media_bytes, Some("data:audio/")),
+        };
+        if content.len() > max {
+            return Err(ValidationError::new(
+                "content_too_large",
+                format!(
+                    "{} content must be at most {max} bytes",
+                    message_type.as_str()
+                ),
+            ));
+        }
+        if let Some(prefix) = prefix {
+            let header_ok = content.starts_with(prefix)
+                && content
+                    .find(',')
+                    .is_some_and(|comma| content[..comma].ends_with(";base64"));
+            if !header_ok {
+                return Err(ValidationError::new(
+                    "invalid_media",
+                    format!(
+                        "{} content must be a base64 data URL ({prefix}<type>;base64,...)",
+                        message_type.as_str()
+                    ),
+                ));
+            }
+        }
+        Ok(Self {
+            content,
+            message_type,
+        })
+    }
+}
+
+/// One entry of `GET /api/users/online/{channel}`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct OnlineUser {
+    pub username: String,
+    pub status: &'static str,
+    pub last_seen: Timestamp,
+}
+
+pub struct ChatService {
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    hub: Arc<Hub>,
+    limits: ChatLimits,
+    /// Spawns the cleanup of connections dropped without [`Connection::close`].
+    tracker: TaskTracker,
+    next_conn: AtomicU64,
+}
+
+/// A live membership of one session in one channel. Close it with [`Connection::close`];
+/// if it is dropped instead (panic, failed upgrade), the cleanup runs in the background.
+pub struct Connection {
+    service: Arc<ChatService>,
+    pub conn: u64,
+    pub username: Username,
+    pub channel: ChannelName,
+    conn_key: String,
+    /// Frames for this session, filled by the hub.
+    pub outbound: mpsc::Receiver<Bytes>,
+    /// Cancelled when the hub finds this session too slow.
+    pub kick: CancellationToken,
+    typing: bool,
+    closed: bool,
+}
+
+impl ChatService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        hub: Arc<Hub>,
+        limits: ChatLimits,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self {
+            store,
+            bus,
+            hub,
+            limits,
+            tracker,
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    pub fn limits(&self) -> &ChatLimits {
+        &self.limits
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    fn origin(&self, conn: u64) -> Origin<'_> {
+        Origin {
+            replica: self.hub.replica().into(),
+            conn,
+        }
+    }
+
+    /// Stores a message and publishes it to the channel. `from` is the sending connection
+    /// and the client's correlation id, for the echo.
+    ///
+    /// # Errors
+    /// [`ChatError::Unavailable`] when the store fails: then nothing was stored or sent.
+    pub async fn send(
+        &self,
+        sender: &Username,
+        channel: &ChannelName,
+        draft: Draft,
+        from: Option<(u64, Option<&str>)>,
+    ) -> Result<ChatMessage, ChatError> {
+        let message = ChatMessage {
+            sender: sender.to_string(),
+            content: draft.content,
+            channel: channel.to_string(),
+            message_type: draft.message_type.as_str().to_string(),
+            timestamp: Timestamp::now(),
+            message_id: MessageId::generate().to_string(),
+        };
+        let entry = serde_json::to_string(&message).expect("messages serialize");
+        let frame = ServerFrame::Message(message);
+        let event = Envelope::encode(
+            &frame,
+            from.map(|(conn, _)| self.origin(conn)),
+            Echo::All,
+            from.and_then(|(_, client_id)| client_id),
+            false,
+        );
+        self.store.append(channel, &entry, &event).await?;
+        let ServerFrame::Message(message) = frame else {
+            unreachable!("built as a message above")
+        };
+        Ok(message)
+    }
+
+    /// Deletes a message by id and tells the channel.
+    ///
+    /// # Errors
+    /// [`ChatError::NotFound`] when the channel's history has no such message.
+    pub async fn delete(&self, channel: &ChannelName, id: &MessageId) -> Result<(), ChatError> {
+        let frame = ServerFrame::MessageDeleted {
+            message_id: id.to_string(),
+            channel: channel.to_string(),
+            timestamp: Timestamp::now(),
+        };
+        let event = Envelope::encode(&frame, None, Echo::All, None, false);
+        if self.store.delete(channel, id, &event).await? {
+            Ok(())
+        } else {
+            Err(ChatError::NotFound("Message not found"))
+        }
+    }
+
+    /// The newest `limit` messages, oldest first. Entries that do not parse (foreign
+    /// data) are skipped, as the original does.
+    ///
+    /// # Errors
+    /// `invalid_limit` outside `1..=history_max_limit`; [`ChatError::Unavailable`].
+    pub async fn history(
+        &self,
+        channel: &ChannelName,
+        limit: Option<i64>,
+    ) -> Result<Vec<ChatMessage>, ChatError> {
+        let max = self.limits.history_max_limit;
+        let limit = match limit {
+            None => self.limits.history_default_limit,
+            Some(n) if n >= 1 && n as u64 <= max as u64 => n as usize,
+            Some(_) => {
+                return Err(ValidationError::new(
+                    "invalid_limit",
+                    format!("limit must be between 1 and {max}"),
+                )
+                .into());
+            }
+        };
+        let entries = self.store.history(channel, limit).await?;
+        Ok(entries
+            .iter()
+            .filter_map(|entry| match serde_json::from_str::<ChatMessage>(entry) {
+                Ok(message) => Some(message),
+                Err(e) => {
+                    tracing::debug!(%channel, error = %e, "skipping a history entry that does not parse");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// # Errors
+    /// [`ChatError::Unavailable`].
+    pub async fn online(&self, channel: &ChannelName) -> Result<Vec<OnlineUser>, ChatError> {
+        Ok(self
+            .store
+            .online(channel)
+            .await?
+            .into_iter()
+            .map(|entry| OnlineUser {
+                username: entry.username,
+                status: "online",
+                last_seen: Timestamp::from_millis(entry.last_seen_ms),
+            })
+            .collect())
+    }
+
+    /// # Errors
+    /// [`ChatError::Unavailable`].
+    pub async fn channels(&self) -> Result<Vec<String>, ChatError> {
+        Ok(self.store.channels().await?)
+    }
+
+    /// Whether this replica can serve: the store answers and the bus is subscribed.
+    pub async fn ready(&self) -> Result<(), String> {
+        if !self.bus.is_ready() {
+            return Err("bus subscriber is not connected".into());
+        }
+        self.store.ping().await.map_err(|e| e.to_string())
+    }
+
+    /// Joins a session to a channel: local fan-out first, then the bus subscription
+    /// (confirmed), then presence (announcing `user_joined` to the others when this is the
+    /// user's first connection). Once this returns, every later event of the channel
+    /// reaches the connection's queue.
+    ///
+    /// # Errors
+    /// [`ChatError::Unavailable`] when the bus or the store cannot confirm; nothing is
+    /// left behind.
+    pub async fn connect(
+        self: &Arc<Self>,
+        username: Username,
+        channel: ChannelName,
+    ) -> Result<Connection, ChatError> {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, outbound) = mpsc::channel(self.limits.outbound_queue);
+        let kick = CancellationToken::new();
+        let conn_key = format!("{}-{conn}", self.hub.replica());
+        self.hub.add(
+            channel.as_str(),
+            Member {
+                conn,
+                username: username.clone(),
+                conn_key: conn_key.clone(),
+                tx,
+                kick: kick.clone(),
+            },
+        );
+        let mut connection = Connection {
+            service: self.clone(),
+            conn,
+            username,
+            channel,
+            conn_key,
+            outbound,
+            kick,
+            typing: false,
+            closed: true,
+        };
+        if let Err(e) = self.bus.subscribe(connection.channel.as_str()).await {
+            self.unregister(&connection);
+            return Err(ChatError::Unavailable(e.0));
+        }
+        let joined = ServerFrame::UserJoined {
+            username: connection.username.to_string(),
+            channel: connection.channel.to_string(),
+            timestamp: Timestamp::now(),
+        };
+        let event = Envelope::encode(&joined, Some(self.origin(conn)), Echo::Others, None, false);
+        if let Err(e) = self
+            .store
+            .join(
+                &connection.channel,
+                &connection.username,
+                &connection.conn_key,
+                &event,
+            )
+            .await
+        {
+            self.unregister(&connection);
+            return Err(e.into());
+        }
+        connection.closed = false;
+        Ok(connection)
+    }
+
+    fn unregister(&self, connection: &Connection) {
+        if self
+            .hub
+            .remove(connection.channel.as_str(), connection.conn)
+        {
+            self.bus.release(connection.channel.as_str());
+        }
+    }
+
+    /// Leaves the channel: local fan-out, typing (with `typing_status` false to the
+    /// others), then presence (`user_left` when it was the user's last connection).
+    async fn leave(&self, conn: u64, username: &Username, channel: &ChannelName, conn_key: &str, typing: bool) {
+        if self.hub.remove(channel.as_str(), conn) {
+            self.bus.release(channel.as_str());
+        }
+        if typing {
+            if let Err(e) = self.set_typing(conn, username, channel, false).await {
+                tracing::warn!(%channel, error = %e, "could not clear typing state on disconnect");
+            }
+        }
+        let left = ServerFrame::UserLeft {
+            username: username.to_string(),
+            channel: channel.to_string(),
+            timestamp: Timestamp::now(),
+        };
+        let event = Envelope::encode(&left, Some(self.origin(conn)), Echo::Others, None, false);
+        if let Err(e) = self.store.leave(channel, username, conn_key, &event).await {
+            tracing::warn!(%channel, error = %e,
+                "could not remove presence on disconnect; it expires with the presence TTL");
+        }
+    }
+
+    async fn set_typing(
+        &self,
+        conn: u64,
+        username: &Username,
+        channel: &ChannelName,
+        on: bool,
+    ) -> Result<(), ChatError> {
+        let frame = ServerFrame::TypingStatus {
+            username: username.to_string(),
+            channel: channel.to_string(),
+            is_typing: on,
+            timestamp: Timestamp::now(),
+        };
+        let event = Envelope::encode(&frame, Some(self.origin(conn)), Echo::Others, None, true);
+        self.store.typing(channel, username, on, &event).await?;
+        Ok(())
+    }
+
+    /// Refreshes the presence of every local connection, channel by channel, until
+    /// `shutdown`. A replica that dies stops refreshing, so its users vanish within the
+    /// presence TTL.
+    pub async fn refresh_presence(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(self.limits.presence_refresh);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            for (channel, members) in self.hub.snapshot() {
+                let Ok(channel) = ChannelName::parse(&channel) else {
+                    continue;
+                };
+                let members: Vec<PresenceMember> = members
+                    .iter()
+                    .map(|m| PresenceMember {
+                        username: m.username.clone(),
+                        conn_key: m.conn_key.clone(),
+                    })
+                    .collect();
+                if let Err(e) = self.store.refresh(&channel, &members).await {
+                    tracing::warn!(%channel, error = %e, "presence refresh failed");
+                }
+            }
+        }
+    }
+}
+
+impl Connection {
+    /// The content rules this connection's messages are checked against.
+    pub fn limits(&self) -> &ChatLimits {
+        &self.service.limits
+    }
+
+    /// Sends a chat message from this connection; the echo carries `client_id`.
+    ///
+    /// # Errors
+    /// See [`ChatService::send`].
+    pub async fn send(
+        &mut self,
+        draft: Draft,
+        client_id: Option<&str>,
+    ) -> Result<ChatMessage, ChatError> {
+        let service = self.service.clone();
+        let message = service
+            .send(&self.username, &self.channel, draft, Some((self.conn, client_id)))
+            .await?;
+        if self.typing {
+            // Sending ends typing, as the original client assumes.
+            self.typing(false).await?;
+        }
+        Ok(message)
+    }
+
+    /// Starts or stops this user's typing indicator for the others.
+    ///
+    /// # Errors
+    /// [`ChatError::Unavailable`].
+    pub async fn typing(&mut self, on: bool) -> Result<(), ChatError> {
+        self.service
+            .set_typing(self.conn, &self.username, &self.channel, on)
+            .await?;
+        self.typing = on;
+        Ok(())
+    }
+
+    /// Leaves the channel in order (see [`ChatService::leave`]).
+    pub async fn close(mut self) {
+        self.closed = true;
+        self.service
+            .leave(
+                self.conn,
+                &self.username,
+                &self.channel,
+                &self.conn_key,
+                self.typing,
+            )
+            .await;
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        let service = self.service.clone();
+        let (conn, username, channel, conn_key, typing) = (
+            self.conn,
+            self.username.clone(),
+            self.channel.clone(),
+            std::mem::take(&mut self.conn_key),
+            self.typing,
+        );
+        let tracker = service.tracker.clone();
+        tracker.spawn(async move {
+            service
+                .leave(conn, &username, &channel, &conn_key, typing)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ChatLimits {
+        ChatLimits {
+            history_default_limit: 50,
+            history_max_limit: 1000,
+            max_text_bytes: 8,
+            max_media_bytes: 64,
+            outbound_queue: 16,
+            presence_refresh: Duration::from_secs(20),
+        }
+    }
+
+    #[test]
+    fn drafts_follow_the_content_rules() {
+        let l = limits();
+        assert!(Draft::parse("hi".into(), "text", &l).is_ok());
+        assert_eq!(
+            Draft::parse("".into(), "text", &l).unwrap_err().code,
+            "empty_content"
+        );
+        // 8 bytes allowed; "ééééé" is 5 characters but 10 bytes.
+        assert!(Draft::parse("12345678".into(), "text", &l).is_ok());
+        assert_eq!(
+            Draft::parse("ééééé".into(), "text", &l).unwrap_err().code,
+            "content_too_large"
+        );
+        assert_eq!(
+            Draft::parse("hi".into(), "video", &l).unwrap_err().code,
+            "invalid_message_type"
+        );
+        assert!(Draft::parse("data:image/png;base64,AAAA".into(), "image", &l).is_ok());
+        assert!(Draft::parse("data:audio/webm;base64,AAAA".into(), "audio", &l).is_ok());
+        for bad in [
+            "https://evil.example/x.png",
+            "data:text/html;base64,AAAA",
+            "data:image/png,AAAA",
+            "data:audio/webm;base64,AAAA",
+        ] {
+            assert_eq!(
+                Draft::parse(bad.into(), "image", &l).unwrap_err().code,
+                "invalid_media",
+                "{bad}"
+            );
+        }
+    }
+}

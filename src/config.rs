@@ -1,0 +1,662 @@
+//! Typed configuration and its layering.
+//!
+//! Sources, later wins: `config/default.toml` (compiled in, so the binary runs from any
+//! directory) < `<config dir>/<environment>.toml` < the `--config` file < environment
+//! variables < command-line flags. Every key has a `CHATGATE_<SECTION>__<KEY>` variable;
+//! the original service's `REDIS_*` and `API_*` variables work too.
+//!
+//! Loading never reads the process environment itself: the caller passes the variables
+//! in ([`Overrides::vars`]), so tests build configurations without touching global state.
+//! Every problem (unknown key, wrong type, invalid value) is collected and reported at
+//! once in one [`ConfigError`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::{Table, Value};
+
+/// The built-in defaults: every key, commented. Also the schema used to type
+/// environment variables and to spot unknown keys.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of the environment variables that set configuration keys.
+const ENV_PREFIX: &str = "CHATGATE_";
+
+/// The whole configuration, after layering and validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub redis: RedisConfig,
+    pub store: StoreConfig,
+    pub chat: ChatConfig,
+    pub ws: WsConfig,
+    pub auth: AuthConfig,
+    pub cors: CorsConfig,
+    pub log: LogConfig,
+    /// `--dev`: auth off, CORS open, readable logs, in-memory store when no Redis is set.
+    #[serde(skip)]
+    pub dev: bool,
+    /// The environment whose file was layered in (`development`, `production`, ...).
+    #[serde(skip)]
+    pub environment: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub shutdown_grace_secs: u64,
+    pub request_timeout_secs: u64,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// May hold a password: never print it; use [`RedisConfig::redacted_url`].
+    pub url: String,
+    pub key_prefix: String,
+    pub connect_timeout_ms: u64,
+    pub command_timeout_ms: u64,
+    pub startup_timeout_secs: u64,
+}
+
+impl RedisConfig {
+    /// The URL with any password replaced by `***`, safe for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.redacted_url())
+            .field("key_prefix", &self.key_prefix)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("command_timeout_ms", &self.command_timeout_ms)
+            .field("startup_timeout_secs", &self.startup_timeout_secs)
+            .finish()
+    }
+}
+
+/// Which store and bus implementation to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Auto,
+    Redis,
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    pub history_max: usize,
+    pub history_ttl_secs: u64,
+    pub presence_ttl_secs: u64,
+    pub presence_refresh_secs: u64,
+    pub typing_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatConfig {
+    pub history_default_limit: usize,
+    pub history_max_limit: usize,
+    pub max_text_bytes: usize,
+    pub max_media_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsConfig {
+    pub max_message_bytes: usize,
+    pub read_buffer_bytes: usize,
+    pub write_buffer_bytes: usize,
+    pub max_write_buffer_bytes: usize,
+    pub outbound_queue: usize,
+    pub ping_interval_secs: u64,
+    pub pong_timeout_secs: u64,
+    pub write_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    pub allowed_origins: Vec<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// Everything that can override the files: flags and the environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--dev`.
+    pub dev: bool,
+    /// `--environment`; otherwise `CHATGATE_ENVIRONMENT`; otherwise `development` with
+    /// `--dev` and `production` without.
+    pub environment: Option<String>,
+    /// `--config-dir`; otherwise `CHATGATE_CONFIG_DIR`; otherwise `config`.
+    pub config_dir: Option<PathBuf>,
+    /// `--config FILE`, layered after the environment file.
+    pub config_file: Option<PathBuf>,
+    /// Environment variables (the process's, or a test's own list).
+    pub vars: Vec<(String, String)>,
+    /// Flags that set single keys, as `(section, key, value)`; applied last.
+    pub flags: Vec<(&'static str, &'static str, Value)>,
+}
+
+/// Every problem found while loading, reported together.
+#[derive(Debug)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for problem in &self.0 {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Layers every source and validates the result.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] listing every unreadable file, unknown key, mistyped value and
+    /// invalid setting found.
+    pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let schema: Table = DEFAULT_TOML.parse().expect("config/default.toml is valid TOML");
+        let mut merged = schema.clone();
+
+        let var = |name: &str| {
+            overrides
+                .vars
+                .iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let environment = overrides
+            .environment
+            .clone()
+            .or_else(|| var("CHATGATE_ENVIRONMENT"))
+            .unwrap_or_else(|| {
+                if overrides.dev {
+                    "development".into()
+                } else {
+                    "production".into()
+                }
+            });
+        let config_dir = overrides
+            .config_dir
+            .clone()
+            .or_else(|| var("CHATGATE_CONFIG_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("config"));
+
+        let env_file = config_dir.join(format!("{environment}.toml"));
+        if env_file.exists() {
+            merge_file(&schema, &mut merged, &env_file, &mut problems);
+        }
+        if let Some(file) = &overrides.config_file {
+            if file.exists() {
+                merge_file(&schema, &mut merged, file, &mut problems);
+            } else {
+                problems.push(format!("--config {}: file not found", file.display()));
+            }
+        }
+
+        apply_seed_vars(&overrides.vars, &mut merged, &mut problems);
+        for (name, value) in &overrides.vars {
+            let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if path == "ENVIRONMENT" || path == "CONFIG_DIR" {
+                continue;
+            }
+            let Some((section, key)) = path.split_once("__") else {
+                problems.push(format!(
+                    "{name}: not a configuration variable (expected {ENV_PREFIX}<SECTION>__<KEY>)"
+                ));
+                continue;
+            };
+            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            match schema_value(&schema, &section, &key) {
+                Some(shape) => match parse_like(shape, value) {
+                    Ok(v) => set(&mut merged, &section, &key, v),
+                    Err(e) => problems.push(format!("{name}: {e}")),
+                },
+                None => problems.push(format!("{name}: unknown key {section}.{key}")),
+            }
+        }
+        if overrides.dev {
+            set(&mut merged, "auth", "enabled", Value::Boolean(false));
+            set(&mut merged, "log", "format", Value::String("text".into()));
+        }
+        for (section, key, value) in &overrides.flags {
+            set(&mut merged, section, key, value.clone());
+        }
+
+        let config = match Config::deserialize(Value::Table(merged)) {
+            Ok(mut config) => {
+                config.dev = overrides.dev;
+                config.environment = environment;
+                Some(config)
+            }
+            Err(e) => {
+                problems.push(e.to_string());
+                None
+            }
+        };
+        if let Some(config) = &config {
+            config.validate(&mut problems);
+        }
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(ConfigError(problems)),
+        }
+    }
+
+    /// Cross-field checks; pushes one line per problem.
+    fn validate(&self, problems: &mut Vec<String>) {
+        let mut check = |ok: bool, msg: &str| {
+            if !ok {
+                problems.push(msg.to_string());
+            }
+        };
+        check(
+            self.store.history_max >= 1,
+            "store.history_max must be at least 1",
+        );
+        check(
+            (1..=self.store.history_max).contains(&self.chat.history_max_limit),
+            "chat.history_max_limit must be between 1 and store.history_max",
+        );
+        check(
+            (1..=self.chat.history_max_limit).contains(&self.chat.history_default_limit),
+            "chat.history_default_limit must be between 1 and chat.history_max_limit",
+        );
+        check(
+            self.store.history_ttl_secs >= 1,
+            "store.history_ttl_secs must be at least 1",
+        );
+        check(
+            self.store.presence_ttl_secs >= 2,
+            "store.presence_ttl_secs must be at least 2",
+        );
+        check(
+            self.store.presence_refresh_secs >= 1
+                && self.store.presence_refresh_secs * 2 <= self.store.presence_ttl_secs,
+            "store.presence_refresh_secs must be at least 1 and at most half of store.presence_ttl_secs",
+        );
+        check(
+            self.store.typing_ttl_secs >= 1,
+            "store.typing_ttl_secs must be at least 1",
+        );
+        check(
+            self.chat.max_text_bytes >= 1,
+            "chat.max_text_bytes must be at least 1",
+        );
+        check(
+            self.ws.max_message_bytes > self.chat.max_media_bytes.max(self.chat.max_text_bytes),
+            "ws.max_message_bytes must be larger than chat.max_media_bytes and chat.max_text_bytes",
+        );
+        check(
+            self.server.max_body_bytes > self.chat.max_media_bytes.max(self.chat.max_text_bytes),
+            "server.max_body_bytes must be larger than chat.max_media_bytes and chat.max_text_bytes",
+        );
+        check(
+            self.ws.read_buffer_bytes >= 256,
+            "ws.read_buffer_bytes must be at least 256",
+        );
+        check(
+            self.ws.outbound_queue >= 4,
+            "ws.outbound_queue must be at least 4",
+        );
+        check(
+            self.ws.ping_interval_secs >= 1 && self.ws.pong_timeout_secs >= 1,
+            "ws.ping_interval_secs and ws.pong_timeout_secs must be at least 1",
+        );
+        check(
+            self.ws.write_timeout_secs >= 1,
+            "ws.write_timeout_secs must be at least 1",
+        );
+        check(
+            self.server.request_timeout_secs >= 1,
+            "server.request_timeout_secs must be at least 1",
+        );
+        check(
+            self.redis.connect_timeout_ms >= 1 && self.redis.command_timeout_ms >= 1,
+            "redis.connect_timeout_ms and redis.command_timeout_ms must be at least 1",
+        );
+        check(
+            !self.redis.key_prefix.contains(['{', '}', ' ']),
+            "redis.key_prefix must not contain braces or spaces",
+        );
+        if !self.redis.url.is_empty() {
+            check(
+                self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://"),
+                "redis.url must start with redis:// or rediss://",
+            );
+        }
+        match self.store.backend {
+            Backend::Redis => check(
+                !self.redis.url.is_empty(),
+                "store.backend = \"redis\" needs redis.url (or REDIS_URL / REDIS_HOST)",
+            ),
+            Backend::Auto => check(
+                self.dev || !self.redis.url.is_empty(),
+                "no Redis configured: set redis.url (or REDIS_URL / REDIS_HOST), or choose \
+                 store.backend = \"memory\" for a single process, or run with --dev",
+            ),
+            Backend::Memory => {}
+        }
+        check(
+            !self.auth.enabled,
+            "auth.enabled = true, but this build has no token verifier yet: run with --dev, \
+             or set auth.enabled = false (CHATGATE_AUTH__ENABLED=false) behind an \
+             authenticating proxy",
+        );
+        for origin in &self.cors.allowed_origins {
+            if origin == "*" || !(origin.starts_with("http://") || origin.starts_with("https://"))
+            {
+                problems.push(format!(
+                    "cors.allowed_origins: {origin:?} is not an exact http(s) origin"
+                ));
+            } else if origin.trim_end_matches('/').matches('/').count() != 2 {
+                problems.push(format!(
+                    "cors.allowed_origins: {origin:?} must be scheme://host[:port] without a path"
+                ));
+            }
+        }
+    }
+
+    /// Whether this process runs on Redis (otherwise on the in-memory store and bus).
+    pub fn uses_redis(&self) -> bool {
+        match self.store.backend {
+            Backend::Redis => true,
+            Backend::Memory => false,
+            Backend::Auto => !self.redis.url.is_empty(),
+        }
+    }
+}
+
+/// Merges one TOML file into `merged`, flagging keys the schema does not know.
+fn merge_file(schema: &Table, merged: &mut Table, path: &Path, problems: &mut Vec<String>) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            problems.push(format!("{}: {e}", path.display()));
+            return;
+        }
+    };
+    let table: Table = match text.parse() {
+        Ok(table) => table,
+        Err(e) => {
+            problems.push(format!("{}: {e}", path.display()));
+            return;
+        }
+    };
+    for (section, body) in table {
+        let Value::Table(body) = body else {
+            problems.push(format!(
+                "{}: top-level key {section:?} must be a [section]",
+                path.display()
+            ));
+            continue;
+        };
+        for (key, value) in body {
+            if schema_value(schema, &section, &key).is_none() {
+                problems.push(format!(
+                    "{}: unknown key {section}.{key}",
+                    path.display()
+                ));
+                continue;
+            }
+            set(merged, &section, &key, value);
+        }
+    }
+}
+
+/// The original service's variables: `REDIS_URL`, or `REDIS_HOST`/`REDIS_PORT`/`REDIS_DB`
+/// composed into a URL, and `API_HOST`/`API_PORT`.
+fn apply_seed_vars(vars: &[(String, String)], merged: &mut Table, problems: &mut Vec<String>) {
+    let var = |name: &str| {
+        vars.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    if let Some(url) = var("REDIS_URL").filter(|u| !u.is_empty()) {
+        set(merged, "redis", "url", Value::String(url.into()));
+    } else if var("REDIS_HOST").is_some() || var("REDIS_PORT").is_some() {
+        let host = var("REDIS_HOST").unwrap_or("localhost");
+        let port = var("REDIS_PORT").unwrap_or("6379");
+        let db = var("REDIS_DB").unwrap_or("0");
+        if port.parse::<u16>().is_err() {
+            problems.push(format!("REDIS_PORT: {port:?} is not a port number"));
+        }
+        if db.parse::<u32>().is_err() {
+            problems.push(format!("REDIS_DB: {db:?} is not a database number"));
+        }
+        set(
+            merged,
+            "redis",
+            "url",
+            Value::String(format!("redis://{host}:{port}/{db}")),
+        );
+    }
+    if let Some(host) = var("API_HOST") {
+        set(merged, "server", "host", Value::String(host.into()));
+    }
+    if let Some(port) = var("API_PORT") {
+        match port.parse::<u16>() {
+            Ok(p) => set(merged, "server", "port", Value::Integer(p.into())),
+            Err(_) => problems.push(format!("API_PORT: {port:?} is not a port number")),
+        }
+    }
+}
+
+fn schema_value<'a>(schema: &'a Table, section: &str, key: &str) -> Option<&'a Value> {
+    schema.get(section)?.as_table()?.get(key)
+}
+
+fn set(merged: &mut Table, section: &str, key: &str, value: Value) {
+    if let Some(Value::Table(body)) = merged.get_mut(section) {
+        body.insert(key.to_string(), value);
+    }
+}
+
+/// Parses an environment string into the TOML type of the key's default value.
+fn parse_like(shape: &Value, raw: &str) -> Result<Value, String> {
+    match shape {
+        Value::String(_) => Ok(Value::String(raw.to_string())),
+        Value::Integer(_) => raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| format!("{raw:?} is not an integer")),
+        Value::Float(_) => raw
+            .trim()
+            .parse::<f64>()
+            .map(Value::Float)
+            .map_err(|_| format!("{raw:?} is not a number")),
+        Value::Boolean(_) => match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(Value::Boolean(true)),
+            "false" | "0" | "no" | "off" => Ok(Value::Boolean(false)),
+            _ => Err(format!("{raw:?} is not a boolean")),
+        },
+        Value::Array(_) => Ok(Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_string()))
+                .collect(),
+        )),
+        _ => Err("this key cannot be set from the environment".into()),
+    }
+}
+
+/// Replaces the password (and a bare username used as one) in a URL with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split_once(':').map(|(u, _)| u).unwrap_or("");
+            let shown = if user.is_empty() {
+                "***".to_string()
+            } else {
+                format!("{user}:***")
+            };
+            format!("{scheme}://{shown}@{}", &rest[at + 1..])
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(list: &[(&str, &str)]) -> Overrides {
+        Overrides {
+            dev: true,
+            config_dir: Some(PathBuf::from("/nonexistent")),
+            vars: list
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Overrides::default()
+        }
+    }
+
+    #[test]
+    fn defaults_load_in_dev_mode() {
+        let config = Config::load(&vars(&[])).unwrap();
+        assert_eq!(config.server.port, 8000);
+        assert_eq!(config.store.history_max, 1000);
+        assert!(!config.auth.enabled);
+        assert!(!config.uses_redis());
+        assert_eq!(config.environment, "development");
+    }
+
+    #[test]
+    fn env_vars_are_typed_by_the_schema() {
+        let config = Config::load(&vars(&[
+            ("CHATGATE_SERVER__PORT", "9100"),
+            ("CHATGATE_CORS__ALLOWED_ORIGINS", "https://a.example, https://b.example"),
+            ("CHATGATE_REDIS__URL", "redis://r:6379/2"),
+        ]))
+        .unwrap();
+        assert_eq!(config.server.port, 9100);
+        assert_eq!(
+            config.cors.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        assert!(config.uses_redis());
+    }
+
+    #[test]
+    fn seed_variables_compose_a_redis_url_and_chatgate_ones_win() {
+        let config = Config::load(&vars(&[
+            ("REDIS_HOST", "cache"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_DB", "3"),
+            ("API_PORT", "8080"),
+        ]))
+        .unwrap();
+        assert_eq!(config.redis.url, "redis://cache:6380/3");
+        assert_eq!(config.server.port, 8080);
+
+        let config = Config::load(&vars(&[
+            ("API_PORT", "8080"),
+            ("CHATGATE_SERVER__PORT", "9000"),
+        ]))
+        .unwrap();
+        assert_eq!(config.server.port, 9000);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = Config::load(&vars(&[
+            ("CHATGATE_SERVER__PORT", "eighty"),
+            ("CHATGATE_NOPE__KEY", "1"),
+            ("CHATGATE_CHAT__HISTORY_MAX_LIMIT", "5000"),
+            ("API_PORT", "99999"),
+            ("CHATGATE_CORS__ALLOWED_ORIGINS", "*"),
+        ]))
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("CHATGATE_SERVER__PORT"), "{text}");
+        assert!(text.contains("unknown key nope.key"), "{text}");
+        assert!(text.contains("API_PORT"), "{text}");
+        assert!(text.contains("chat.history_max_limit"), "{text}");
+        assert!(text.contains(r#""*" is not an exact"#), "{text}");
+        assert_eq!(err.0.len(), 5, "{text}");
+
+        let err = Config::load(&vars(&[
+            ("CHATGATE_CHAT__HISTORY_MAX_LIMIT", "5000"),
+            ("CHATGATE_CORS__ALLOWED_ORIGINS", "*,https://ok.example/path"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.0.len(), 3, "{err}");
+    }
+
+    #[test]
+    fn production_without_redis_or_auth_decision_refuses_to_start() {
+        let overrides = Overrides {
+            config_dir: Some(PathBuf::from("/nonexistent")),
+            ..Overrides::default()
+        };
+        let err = Config::load(&overrides).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("no Redis configured"), "{text}");
+        assert!(text.contains("auth.enabled"), "{text}");
+    }
+
+    #[test]
+    fn redis_passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis://:s3cret@cache:6379/0"),
+            "redis://***@cache:6379/0"
+        );
+        assert_eq!(
+            redact_url("redis://user:s3cret@cache/1"),
+            "redis://user:***@cache/1"
+        );
+        assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
+        let config = Config::load(&vars(&[("REDIS_URL", "redis://:pw@h:1/0")])).unwrap();
+        assert!(!format!("{config:?}").contains("pw@"));
+    }
+}

@@ -1,0 +1,122 @@
+//! The one error type at the HTTP boundary.
+//!
+//! Usage policy:
+//! - Handlers return `AppResult<T>`; every failure becomes an [`ApiError`].
+//! - The body is always the original's shape, `{"detail": "..."}`, plus a stable `code`.
+//! - Client errors (400, 404, 413, 422) carry a detail written for the client.
+//! - Server-side failures (503, 500) carry a generic detail; the cause travels in a response
+//!   extension ([`ErrorCause`]) that the logging middleware writes inside the request's
+//!   span. Internal error text never reaches a client.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::chat::ChatError;
+use crate::chat::model::ValidationError;
+
+pub type AppResult<T> = Result<T, ApiError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed request: bad JSON, a missing or mistyped field or parameter.
+    #[error("{detail}")]
+    BadRequest { code: &'static str, detail: String },
+    /// Well-formed, but the content breaks a rule.
+    #[error("{detail}")]
+    Unprocessable { code: &'static str, detail: String },
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// Redis (or the bus) failed; the string is the cause, for logs.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A bug; the string is the cause, for logs.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The cause of a 5xx, for the logging middleware only.
+#[derive(Debug, Clone)]
+pub struct ErrorCause(pub String);
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    /// A parameter (path or query) that failed validation is a malformed request.
+    pub fn bad_param(e: ValidationError) -> Self {
+        Self::BadRequest {
+            code: e.code,
+            detail: e.detail,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { code, .. } | Self::Unprocessable { code, .. } => code,
+            Self::NotFound(_) => "not_found",
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::Unavailable(_) => "store_unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<ChatError> for ApiError {
+    fn from(e: ChatError) -> Self {
+        match e {
+            ChatError::Invalid(v) if v.code == "invalid_limit" => Self::bad_param(v),
+            ChatError::Invalid(v) => Self::Unprocessable {
+                code: v.code,
+                detail: v.detail,
+            },
+            ChatError::NotFound(what) => Self::NotFound(what),
+            ChatError::Unavailable(cause) => Self::Unavailable(cause),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let code = self.code();
+        let (detail, cause) = match self {
+            Self::BadRequest { detail, .. } | Self::Unprocessable { detail, .. } => (detail, None),
+            Self::NotFound(detail) => (detail.to_string(), None),
+            Self::PayloadTooLarge(detail) => (detail, None),
+            Self::Unavailable(cause) => (
+                "Chat store unavailable, try again later".to_string(),
+                Some(cause),
+            ),
+            Self::Internal(cause) => ("Internal server error".to_string(), Some(cause)),
+        };
+        let mut response = (status, Json(json!({ "detail": detail, "code": code }))).into_response();
+        if let Some(cause) = cause {
+            response.extensions_mut().insert(ErrorCause(cause));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,112 @@
+//! The one middleware stack, in request order. Each layer says why it sits where it does.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::error::{ApiError, ErrorCause};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Wraps the router in the stack. Layers listed first see the request first.
+pub fn apply(router: Router, config: &Config) -> Router {
+    let stack = ServiceBuilder::new()
+        // Outermost: mark credentials sensitive before anything can log or trace them.
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::COOKIE,
+            header::SEC_WEBSOCKET_PROTOCOL,
+        ]))
+        // A request id (the client's, or a new UUID) before the span, so the span has it.
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        // The request span, named by route template: never the raw path or query string.
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<Body>| {
+            let route = request
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or("unmatched", |p| p.as_str());
+            let request_id = request
+                .headers()
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("http", method = %request.method(), route, request_id)
+        }))
+        // Return the request id to the client.
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        // Inside the span: write 5xx causes carried by ApiError responses.
+        .layer(middleware::from_fn(log_error_cause))
+        // Security headers on every response that did not set its own.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        ))
+        // CORS answers preflights before they reach limits or handlers.
+        .layer(cors(config))
+        // Bound the body before any handler buffers it (413).
+        .layer(RequestBodyLimitLayer::new(config.server.max_body_bytes))
+        // A bound on how long a REST request may take. WebSocket sessions are not affected:
+        // the upgrade response returns at once and the session runs on its own task.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(config.server.request_timeout_secs),
+        ))
+        // Innermost: a panicking handler becomes a generic 500 and the server keeps serving.
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            ApiError::Internal("handler panicked".into()).into_response()
+        }));
+    router.layer(stack)
+}
+
+fn cors(config: &Config) -> CorsLayer {
+    let methods = [Method::GET, Method::POST, Method::DELETE, Method::OPTIONS];
+    if config.dev {
+        // Like the original, any origin may call, but never with credentials.
+        return CorsLayer::new()
+            .allow_origin(Any)
+            .allow_methods(methods)
+            .allow_headers(Any);
+    }
+    let origins: Vec<HeaderValue> = config
+        .cors
+        .allowed_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods(methods)
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, REQUEST_ID])
+        .max_age(Duration::from_secs(600))
+}
+
+async fn log_error_cause(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    if let Some(ErrorCause(cause)) = response.extensions().get::<ErrorCause>() {
+        tracing::error!(status = response.status().as_u16(), cause = %cause, "request failed");
+    }
+    response
+}

@@ -1,0 +1,201 @@
+//! REST handlers, with the original's paths and response shapes.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::chat::Draft;
+use crate::chat::model::{ChannelName, DEFAULT_CHANNEL, MessageId, Username};
+use crate::error::{ApiError, AppResult};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/", get(root))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/api/chat/history/{channel}", get(list_history))
+        .route("/api/users/online/{channel}", get(list_online_users))
+        .route("/api/chat/channels", get(list_channels))
+        .route("/api/chat/message", post(send_message))
+        .route("/api/chat/message/{message_id}", delete(delete_message))
+}
+
+/// `axum::Json` whose rejections use the app's error format: 413 for an oversized body,
+/// 400 for everything else (bad JSON, missing or mistyped fields, wrong content type).
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct AppJson<T>(pub T);
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge("request body too large".into())
+        } else {
+            ApiError::bad_request(
+                "invalid_request",
+                format!("Invalid request format: {}", rejection.body_text()),
+            )
+        }
+    }
+}
+
+type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+fn params(query: Params) -> AppResult<HashMap<String, String>> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+}
+
+fn channel(raw: &str) -> AppResult<ChannelName> {
+    ChannelName::parse(raw).map_err(ApiError::bad_param)
+}
+
+/// `GET /`: the original's service document, unchanged.
+async fn root() -> Json<Value> {
+    Json(json!({
+        "message": "Real-Time Chat API is running!",
+        "version": "1.0.0",
+        "endpoints": {
+            "websocket": "/ws/chat?username=YourName&channel=general",
+            "chat_history": "/api/chat/history/{channel}",
+            "online_users": "/api/users/online/{channel}",
+            "channels": "/api/chat/channels"
+        }
+    }))
+}
+
+/// Liveness: the process answers.
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Readiness: Redis answers, the bus subscriber is connected, and not draining.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let verdict = if state.shutdown.is_cancelled() {
+        Err("draining".to_string())
+    } else {
+        state.chat.ready().await
+    };
+    match verdict {
+        Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
+        Err(reason) => {
+            tracing::warn!(%reason, "not ready");
+            let detail = if reason == "draining" {
+                "draining"
+            } else if reason.contains("bus") {
+                "bus not subscribed"
+            } else {
+                "store unreachable"
+            };
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "not_ready", "detail": detail })),
+            )
+        }
+    }
+}
+
+async fn list_history(
+    State(state): State<AppState>,
+    Path(raw_channel): Path<String>,
+    query: Params,
+) -> AppResult<Json<Value>> {
+    let channel = channel(&raw_channel)?;
+    let limit = match params(query)?.get("limit") {
+        None => None,
+        Some(raw) => Some(raw.trim().parse::<i64>().map_err(|_| {
+            ApiError::bad_request("invalid_limit", "limit must be an integer")
+        })?),
+    };
+    let messages = state.chat.history(&channel, limit).await?;
+    Ok(Json(json!({
+        "total_count": messages.len(),
+        "channel": channel.as_str(),
+        "messages": messages,
+    })))
+}
+
+async fn list_online_users(
+    State(state): State<AppState>,
+    Path(raw_channel): Path<String>,
+) -> AppResult<Json<Value>> {
+    let channel = channel(&raw_channel)?;
+    let users = state.chat.online(&channel).await?;
+    Ok(Json(json!({
+        "channel": channel.as_str(),
+        "count": users.len(),
+        "online_users": users,
+    })))
+}
+
+async fn list_channels(State(state): State<AppState>) -> AppResult<Json<Value>> {
+    let channels = state.chat.channels().await?;
+    Ok(Json(json!({ "count": channels.len(), "channels": channels })))
+}
+
+/// The body of `POST /api/chat/message`.
+#[derive(Debug, Deserialize)]
+pub struct SendMessageBody {
+    sender: String,
+    content: String,
+    #[serde(default = "default_channel")]
+    channel: String,
+    #[serde(default = "default_message_type")]
+    message_type: String,
+}
+
+fn default_channel() -> String {
+    DEFAULT_CHANNEL.to_string()
+}
+
+fn default_message_type() -> String {
+    "text".to_string()
+}
+
+async fn send_message(
+    State(state): State<AppState>,
+    AppJson(body): AppJson<SendMessageBody>,
+) -> AppResult<Json<Value>> {
+    let unprocessable = |e: crate::chat::model::ValidationError| ApiError::Unprocessable {
+        code: e.code,
+        detail: e.detail,
+    };
+    let sender = Username::parse(&body.sender).map_err(unprocessable)?;
+    let channel = ChannelName::parse(&body.channel).map_err(unprocessable)?;
+    let draft =
+        Draft::parse(body.content, &body.message_type, state.chat.limits()).map_err(unprocessable)?;
+    let message = state.chat.send(&sender, &channel, draft, None).await?;
+    Ok(Json(json!({
+        "success": true,
+        "message": "Message sent successfully",
+        "data": message,
+    })))
+}
+
+async fn delete_message(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    query: Params,
+) -> AppResult<Json<Value>> {
+    let id = MessageId::parse(&raw_id).map_err(ApiError::bad_param)?;
+    let params = params(query)?;
+    let raw_channel = params.get("channel").ok_or_else(|| {
+        ApiError::bad_request("missing_channel", "channel query parameter is required")
+    })?;
+    let channel = channel(raw_channel)?;
+    state.chat.delete(&channel, &id).await?;
+    Ok(Json(json!({
+        "success": true,
+        "message": "Message deleted successfully",
+        "data": null,
+    })))
+}

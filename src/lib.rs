@@ -1,0 +1,26 @@
+//! chatgate: a hardened real-time chat gateway on Redis.
+//!
+//! Module map (request order):
+//! - [`config`]: layered, validated configuration.
+//! - [`app`]: `Application::build` wires everything and owns the listener.
+//! - [`http`]: the middleware stack and the REST routes of the original API.
+//! - [`ws`]: the WebSocket upgrade (checks before the 101) and the session loop.
+//! - [`chat`]: validated types, events, and the service (validate → persist → publish).
+//! - [`store`]: history, presence, typing, channels (Redis or memory).
+//! - [`bus`]: one subscriber per process and the hub that fans events out to sessions.
+//! - [`error`]: the HTTP error type. [`telemetry`]: logs. [`shutdown`]: signals.
+
+pub mod app;
+pub mod bus;
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod shutdown;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod ws;
+
+pub use app::Application;
+pub use config::Config;

@@ -1,0 +1,241 @@
+//! The in-memory store: one process, nothing to install. Used by `--dev` when no Redis is
+//! configured and by single-node deployments that choose `store.backend = "memory"`.
+//!
+//! One `std` mutex guards everything: every operation is short and never awaits while
+//! holding it, and events are published under it, which keeps bus order equal to history
+//! order exactly as the Redis scripts do.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+
+use super::{PresenceEntry, PresenceMember, Store, StoreResult, StoreSettings};
+use crate::bus::memory::MemoryBus;
+use crate::chat::model::{ChannelName, MessageId, Username};
+
+pub struct MemoryStore {
+    settings: StoreSettings,
+    bus: Arc<MemoryBus>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Channel → entries, newest first, with the time of the last append (for the TTL).
+    history: HashMap<String, (VecDeque<String>, u64)>,
+    /// Channel → user → connection key → deadline (ms since the epoch).
+    presence: HashMap<String, BTreeMap<String, HashMap<String, u64>>>,
+    /// (channel, user) pairs currently typing, with their deadline.
+    typing: HashMap<(String, String), u64>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+impl MemoryStore {
+    pub fn new(settings: StoreSettings, bus: Arc<MemoryBus>) -> Self {
+        Self {
+            settings,
+            bus,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn history_ttl_ms(&self) -> u64 {
+        self.settings.history_ttl_secs.saturating_mul(1000)
+    }
+
+    /// Drops a channel's history once its TTL has passed, as Redis would expire the key.
+    fn expire_history(&self, inner: &mut Inner, now: u64) {
+        let ttl = self.history_ttl_ms();
+        inner
+            .history
+            .retain(|_, (_, touched)| now < touched.saturating_add(ttl));
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn append(&self, channel: &ChannelName, entry: &str, event: &[u8]) -> StoreResult<()> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        self.expire_history(&mut inner, now);
+        let (list, touched) = inner
+            .history
+            .entry(channel.to_string())
+            .or_insert_with(|| (VecDeque::new(), now));
+        list.push_front(entry.to_string());
+        list.truncate(self.settings.history_max);
+        *touched = now;
+        self.bus.publish(channel.as_str(), event);
+        Ok(())
+    }
+
+    async fn history(&self, channel: &ChannelName, limit: usize) -> StoreResult<Vec<String>> {
+        let mut inner = self.lock();
+        self.expire_history(&mut inner, now_ms());
+        Ok(inner
+            .history
+            .get(channel.as_str())
+            .map(|(list, _)| list.iter().take(limit).rev().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn delete(
+        &self,
+        channel: &ChannelName,
+        id: &MessageId,
+        event: &[u8],
+    ) -> StoreResult<bool> {
+        let mut inner = self.lock();
+        self.expire_history(&mut inner, now_ms());
+        let Some((list, _)) = inner.history.get_mut(channel.as_str()) else {
+            return Ok(false);
+        };
+        let position = list.iter().position(|entry| {
+            serde_json::from_str::<serde_json::Value>(entry)
+                .ok()
+                .and_then(|v| v.get("message_id")?.as_str().map(|s| s == id.as_str()))
+                .unwrap_or(false)
+        });
+        let Some(position) = position else {
+            return Ok(false);
+        };
+        list.remove(position);
+        if list.is_empty() {
+            inner.history.remove(channel.as_str());
+        }
+        self.bus.publish(channel.as_str(), event);
+        Ok(true)
+    }
+
+    async fn channels(&self) -> StoreResult<Vec<String>> {
+        let mut inner = self.lock();
+        self.expire_history(&mut inner, now_ms());
+        let mut names: Vec<String> = inner.history.keys().cloned().collect();
+        names.sort();
+        Ok(names)
+    }
+
+    async fn join(
+        &self,
+        channel: &ChannelName,
+        user: &Username,
+        conn_key: &str,
+        event: &[u8],
+    ) -> StoreResult<bool> {
+        let now = now_ms();
+        let deadline = now + self.settings.presence_ttl_ms;
+        let mut inner = self.lock();
+        let conns = inner
+            .presence
+            .entry(channel.to_string())
+            .or_default()
+            .entry(user.to_string())
+            .or_default();
+        conns.retain(|_, d| *d > now);
+        let first = conns.is_empty();
+        conns.insert(conn_key.to_string(), deadline);
+        if first {
+            self.bus.publish(channel.as_str(), event);
+        }
+        Ok(first)
+    }
+
+    async fn leave(
+        &self,
+        channel: &ChannelName,
+        user: &Username,
+        conn_key: &str,
+        event: &[u8],
+    ) -> StoreResult<bool> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        let Some(users) = inner.presence.get_mut(channel.as_str()) else {
+            return Ok(false);
+        };
+        let Some(conns) = users.get_mut(user.as_str()) else {
+            return Ok(false);
+        };
+        conns.remove(conn_key);
+        conns.retain(|_, d| *d > now);
+        if !conns.is_empty() {
+            return Ok(false);
+        }
+        users.remove(user.as_str());
+        if users.is_empty() {
+            inner.presence.remove(channel.as_str());
+        }
+        self.bus.publish(channel.as_str(), event);
+        Ok(true)
+    }
+
+    async fn refresh(&self, channel: &ChannelName, members: &[PresenceMember]) -> StoreResult<()> {
+        let deadline = now_ms() + self.settings.presence_ttl_ms;
+        let mut inner = self.lock();
+        let users = inner.presence.entry(channel.to_string()).or_default();
+        for member in members {
+            users
+                .entry(member.username.to_string())
+                .or_default()
+                .insert(member.conn_key.clone(), deadline);
+        }
+        Ok(())
+    }
+
+    async fn online(&self, channel: &ChannelName) -> StoreResult<Vec<PresenceEntry>> {
+        let now = now_ms();
+        let ttl = self.settings.presence_ttl_ms as i64;
+        let inner = self.lock();
+        let Some(users) = inner.presence.get(channel.as_str()) else {
+            return Ok(Vec::new());
+        };
+        Ok(users
+            .iter()
+            .filter_map(|(user, conns)| {
+                let latest = conns.values().copied().filter(|d| *d > now).max()?;
+                Some(PresenceEntry {
+                    username: user.clone(),
+                    last_seen_ms: latest as i64 - ttl,
+                })
+            })
+            .collect())
+    }
+
+    async fn typing(
+        &self,
+        channel: &ChannelName,
+        user: &Username,
+        on: bool,
+        event: &[u8],
+    ) -> StoreResult<()> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        inner.typing.retain(|_, deadline| *deadline > now);
+        let key = (channel.to_string(), user.to_string());
+        if on {
+            inner
+                .typing
+                .insert(key, now + self.settings.typing_ttl_secs * 1000);
+        } else {
+            inner.typing.remove(&key);
+        }
+        self.bus.publish(channel.as_str(), event);
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+}

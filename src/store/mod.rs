@@ -1,0 +1,109 @@
+//! The chat store: history, presence, typing and the channel registry.
+//!
+//! Two implementations pass one conformance suite (`tests/api/store.rs`): [`redis::RedisStore`]
+//! for production and [`memory::MemoryStore`] for `--dev` and single-process use.
+//!
+//! Every write that clients must see is paired with its bus event and done as one atomic
+//! step: the event is published inside the same Lua script (Redis) or under the same lock
+//! (memory). So the order in which replicas receive events is the order of history, and an
+//! event is published if and only if its write happened.
+
+use async_trait::async_trait;
+
+use crate::chat::model::{ChannelName, MessageId, Username};
+
+pub mod memory;
+pub mod redis;
+
+/// Retention and expiry settings shared by both stores.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// Messages kept per channel.
+    pub history_max: usize,
+    /// Seconds a channel's history lives after its last message.
+    pub history_ttl_secs: u64,
+    /// Milliseconds a connection stays online without a refresh.
+    pub presence_ttl_ms: u64,
+    /// Seconds a typing indicator lives.
+    pub typing_ttl_secs: u64,
+}
+
+/// A store call failed; the store is unreachable, timing out or answering errors.
+/// The cause is for logs only and never reaches a client.
+#[derive(Debug, thiserror::Error)]
+#[error("store unavailable: {0}")]
+pub struct StoreError(pub String);
+
+/// One user listed as online in a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceEntry {
+    pub username: String,
+    /// When the user was last confirmed online (the latest refresh of any of their
+    /// connections), in milliseconds since the Unix epoch.
+    pub last_seen_ms: i64,
+}
+
+/// One local connection, as presence knows it: the user and a key unique across replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceMember {
+    pub username: Username,
+    pub conn_key: String,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Appends a serialized message to the channel's history (newest first, capped,
+    /// TTL refreshed), records the channel as active, and publishes `event`.
+    async fn append(&self, channel: &ChannelName, entry: &str, event: &[u8]) -> StoreResult<()>;
+
+    /// The newest `limit` entries, oldest first (the original's order).
+    async fn history(&self, channel: &ChannelName, limit: usize) -> StoreResult<Vec<String>>;
+
+    /// Removes the message with this id and publishes `event`; `false` (and no event) when
+    /// no such message is in the history.
+    async fn delete(&self, channel: &ChannelName, id: &MessageId, event: &[u8])
+    -> StoreResult<bool>;
+
+    /// Channels with history, sorted by name.
+    async fn channels(&self) -> StoreResult<Vec<String>>;
+
+    /// Marks one connection of `user` online; publishes `event` and returns `true` when it
+    /// is the user's first live connection in the channel.
+    async fn join(
+        &self,
+        channel: &ChannelName,
+        user: &Username,
+        conn_key: &str,
+        event: &[u8],
+    ) -> StoreResult<bool>;
+
+    /// Removes one connection; publishes `event` and returns `true` when it was the user's
+    /// last live connection in the channel.
+    async fn leave(
+        &self,
+        channel: &ChannelName,
+        user: &Username,
+        conn_key: &str,
+        event: &[u8],
+    ) -> StoreResult<bool>;
+
+    /// Extends the deadline of these live connections (re-adding them if Redis lost them).
+    async fn refresh(&self, channel: &ChannelName, members: &[PresenceMember]) -> StoreResult<()>;
+
+    /// Users with at least one live connection, sorted by name.
+    async fn online(&self, channel: &ChannelName) -> StoreResult<Vec<PresenceEntry>>;
+
+    /// Sets or clears the user's typing indicator and publishes `event`.
+    async fn typing(
+        &self,
+        channel: &ChannelName,
+        user: &Username,
+        on: bool,
+        event: &[u8],
+    ) -> StoreResult<()>;
+
+    /// Cheap reachability check for readiness.
+    async fn ping(&self) -> StoreResult<()>;
+}

@@ -1,0 +1,468 @@
+//! The Redis store. The key layout lives here and nowhere else (see docs/redis.md):
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `chat:<ch>:messages` | list | history, newest first, capped, TTL refreshed per message (the original's key) |
+//! | `chat:<ch>:events` | pub/sub channel | bus events of the channel |
+//! | `chat:<ch>:presence` | sorted set | user → deadline (ms) of their freshest connection |
+//! | `chat:<ch>:presence:<user>` | sorted set | connection key → deadline (ms) |
+//! | `typing:<ch>:<user>` | string | `typing`, with the typing TTL (the original's key) |
+//! | `chat:channels` | sorted set | channel → time of its last message (s), replaces `KEYS chat:*` |
+//!
+//! All keys carry `redis.key_prefix`. Every multi-step write is one Lua script that also
+//! publishes the matching event, and scripts take time from Redis (`TIME`), never from a
+//! replica's clock, so replicas with skewed clocks agree on presence deadlines.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use super::{PresenceEntry, PresenceMember, Store, StoreError, StoreResult, StoreSettings};
+use crate::chat::model::{ChannelName, MessageId, Username};
+use crate::config::RedisConfig;
+
+/// Names of every key and pub/sub channel, with the configured prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn history(&self, ch: &ChannelName) -> String {
+        format!("{}chat:{ch}:messages", self.prefix)
+    }
+
+    pub fn events(&self, ch: &str) -> String {
+        format!("{}chat:{ch}:events", self.prefix)
+    }
+
+    /// The chat channel a bus channel name belongs to, if it is one of ours.
+    pub fn channel_of_events<'a>(&self, bus_channel: &'a str) -> Option<&'a str> {
+        bus_channel
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("chat:")?
+            .strip_suffix(":events")
+    }
+
+    pub fn presence_users(&self, ch: &ChannelName) -> String {
+        format!("{}chat:{ch}:presence", self.prefix)
+    }
+
+    pub fn presence_conns(&self, ch: &ChannelName, user: &str) -> String {
+        format!("{}chat:{ch}:presence:{user}", self.prefix)
+    }
+
+    pub fn typing(&self, ch: &ChannelName, user: &Username) -> String {
+        format!("{}typing:{ch}:{user}", self.prefix)
+    }
+
+    pub fn channels(&self) -> String {
+        format!("{}chat:channels", self.prefix)
+    }
+}
+
+/// Milliseconds now, from Redis's clock. Shared prelude of the presence scripts.
+const NOW_MS: &str = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
+
+/// KEYS: history, channels. ARGV: entry, cap, ttl secs, channel name, bus channel, event.
+const APPEND: &str = r"
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[2], t[1], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+";
+
+/// KEYS: history, channels. ARGV: message id, bus channel, event, channel name.
+/// The id is checked by the caller to hold no quote, so the needle cannot be forged by
+/// content (quotes inside content are escaped in the stored JSON); a decode confirms it.
+const DELETE: &str = r#"
+local needle = '"message_id":"' .. ARGV[1] .. '"'
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+for _, item in ipairs(items) do
+  if string.find(item, needle, 1, true) then
+    local ok, decoded = pcall(cjson.decode, item)
+    if ok and type(decoded) == 'table' and decoded['message_id'] == ARGV[1] then
+      redis.call('LREM', KEYS[1], 1, item)
+      if redis.call('EXISTS', KEYS[1]) == 0 then
+        redis.call('ZREM', KEYS[2], ARGV[4])
+      end
+      redis.call('PUBLISH', ARGV[2], ARGV[3])
+      return 1
+    end
+  end
+end
+return 0
+"#;
+
+/// KEYS: channels. ARGV: history ttl secs. Drops entries whose history has expired.
+const CHANNELS: &str = r"
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (tonumber(t[1]) - tonumber(ARGV[1])))
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+";
+
+/// KEYS: user's connections, channel's users. ARGV: conn key, user, ttl ms, bus channel, event.
+const JOIN: &str = r"
+local ttl = tonumber(ARGV[3])
+local deadline = now + ttl
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local before = redis.call('ZCARD', KEYS[1])
+redis.call('ZADD', KEYS[1], deadline, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+redis.call('ZADD', KEYS[2], 'GT', deadline, ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ttl * 2)
+if before == 0 then
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  return 1
+end
+return 0
+";
+
+/// KEYS: user's connections, channel's users. ARGV: conn key, user, bus channel, event.
+const LEAVE: &str = r"
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 and redis.call('ZSCORE', KEYS[2], ARGV[2]) == false then
+  return 0
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if newest[2] then
+  redis.call('ZADD', KEYS[2], newest[2], ARGV[2])
+  return 0
+end
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+";
+
+/// KEYS: channel's users, then one connections key per member.
+/// ARGV: ttl ms, then user and conn key per member.
+const REFRESH: &str = r"
+local ttl = tonumber(ARGV[1])
+local deadline = now + ttl
+for i = 2, #KEYS do
+  local user = ARGV[2 * i - 2]
+  local conn = ARGV[2 * i - 1]
+  redis.call('ZADD', KEYS[i], deadline, conn)
+  redis.call('PEXPIRE', KEYS[i], ttl * 2)
+  redis.call('ZADD', KEYS[1], 'GT', deadline, user)
+end
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return 1
+";
+
+/// KEYS: channel's users. Returns live users with their deadlines.
+const ONLINE: &str = r"
+return redis.call('ZRANGE', KEYS[1], '(' .. now, '+inf', 'BYSCORE', 'WITHSCORES')
+";
+
+/// KEYS: typing key. ARGV: 1 or 0, ttl secs, bus channel, event.
+const TYPING: &str = r"
+if ARGV[1] == '1' then
+  redis.call('SET', KEYS[1], 'typing', 'EX', ARGV[2])
+else
+  redis.call('DEL', KEYS[1])
+end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+";
+
+/// Most members refreshed by one script call, so no single call holds Redis for long.
+const REFRESH_BATCH: usize = 500;
+
+struct Scripts {
+    append: Script,
+    delete: Script,
+    channels: Script,
+    join: Script,
+    leave: Script,
+    refresh: Script,
+    online: Script,
+    typing: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let timed = |body: &str| Script::new(&format!("{NOW_MS}{body}"));
+        Self {
+            append: Script::new(APPEND),
+            delete: Script::new(DELETE),
+            channels: Script::new(CHANNELS),
+            join: timed(JOIN),
+            leave: timed(LEAVE),
+            refresh: timed(REFRESH),
+            online: timed(ONLINE),
+            typing: Script::new(TYPING),
+        }
+    }
+}
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    keys: Keys,
+    settings: StoreSettings,
+    scripts: Scripts,
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError(e.to_string())
+}
+
+/// Opens the multiplexed command connection (reconnects by itself, pipelines concurrent
+/// calls, bounded waits), retrying for `startup_timeout_secs` before giving up.
+///
+/// # Errors
+/// A message naming the (redacted) URL and the last error, when Redis stays unreachable.
+pub async fn connect(config: &RedisConfig) -> Result<(redis::Client, ConnectionManager), String> {
+    let url = config.redacted_url();
+    let client =
+        redis::Client::open(config.url.as_str()).map_err(|e| format!("redis.url {url}: {e}"))?;
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
+        .set_response_timeout(Some(Duration::from_millis(config.command_timeout_ms)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(2000));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.startup_timeout_secs);
+    loop {
+        match ConnectionManager::new_with_config(client.clone(), manager_config.clone()).await {
+            Ok(conn) => return Ok((client, conn)),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!(
+                    "cannot reach Redis at {url} (gave up after {} s): {e}",
+                    config.startup_timeout_secs
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(redis = %url, error = %e, "Redis not reachable yet, retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+impl RedisStore {
+    pub fn new(conn: ConnectionManager, keys: Keys, settings: StoreSettings) -> Self {
+        Self {
+            conn,
+            keys,
+            settings,
+            scripts: Scripts::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn append(&self, channel: &ChannelName, entry: &str, event: &[u8]) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        self.scripts
+            .append
+            .key(self.keys.history(channel))
+            .key(self.keys.channels())
+            .arg(entry)
+            .arg(self.settings.history_max)
+            .arg(self.settings.history_ttl_secs)
+            .arg(channel.as_str())
+            .arg(self.keys.events(channel.as_str()))
+            .arg(event)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
+    async fn history(&self, channel: &ChannelName, limit: usize) -> StoreResult<Vec<String>> {
+        let mut conn = self.conn.clone();
+        let stop = limit.max(1) as isize - 1;
+        let mut entries: Vec<String> = conn
+            .lrange(self.keys.history(channel), 0, stop)
+            .await
+            .map_err(unavailable)?;
+        entries.reverse();
+        Ok(entries)
+    }
+
+    async fn delete(
+        &self,
+        channel: &ChannelName,
+        id: &MessageId,
+        event: &[u8],
+    ) -> StoreResult<bool> {
+        let mut conn = self.conn.clone();
+        self.scripts
+            .delete
+            .key(self.keys.history(channel))
+            .key(self.keys.channels())
+            .arg(id.as_str())
+            .arg(self.keys.events(channel.as_str()))
+            .arg(event)
+            .arg(channel.as_str())
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|n| n == 1)
+            .map_err(unavailable)
+    }
+
+    async fn channels(&self) -> StoreResult<Vec<String>> {
+        let mut conn = self.conn.clone();
+        let mut names: Vec<String> = self
+            .scripts
+            .channels
+            .key(self.keys.channels())
+            .arg(self.settings.history_ttl_secs)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        names.sort();
+        Ok(names)
+    }
+
+    async fn join(
+        &self,
+        channel: &ChannelName,
+        user: &Username,
+        conn_key: &str,
+        event: &[u8],
+    ) -> StoreResult<bool> {
+        let mut conn = self.conn.clone();
+        self.scripts
+            .join
+            .key(self.keys.presence_conns(channel, user.as_str()))
+            .key(self.keys.presence_users(channel))
+            .arg(conn_key)
+            .arg(user.as_str())
+            .arg(self.settings.presence_ttl_ms)
+            .arg(self.keys.events(channel.as_str()))
+            .arg(event)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|n| n == 1)
+            .map_err(unavailable)
+    }
+
+    async fn leave(
+        &self,
+        channel: &ChannelName,
+        user: &Username,
+        conn_key: &str,
+        event: &[u8],
+    ) -> StoreResult<bool> {
+        let mut conn = self.conn.clone();
+        self.scripts
+            .leave
+            .key(self.keys.presence_conns(channel, user.as_str()))
+            .key(self.keys.presence_users(channel))
+            .arg(conn_key)
+            .arg(user.as_str())
+            .arg(self.keys.events(channel.as_str()))
+            .arg(event)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|n| n == 1)
+            .map_err(unavailable)
+    }
+
+    async fn refresh(&self, channel: &ChannelName, members: &[PresenceMember]) -> StoreResult<()> {
+        for batch in members.chunks(REFRESH_BATCH) {
+            let mut invocation = self.scripts.refresh.prepare_invoke();
+            invocation.key(self.keys.presence_users(channel));
+            invocation.arg(self.settings.presence_ttl_ms);
+            for member in batch {
+                invocation.key(self.keys.presence_conns(channel, member.username.as_str()));
+                invocation.arg(member.username.as_str());
+                invocation.arg(member.conn_key.as_str());
+            }
+            let mut conn = self.conn.clone();
+            invocation
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn online(&self, channel: &ChannelName) -> StoreResult<Vec<PresenceEntry>> {
+        let mut conn = self.conn.clone();
+        let pairs: Vec<(String, f64)> = self
+            .scripts
+            .online
+            .key(self.keys.presence_users(channel))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let ttl = self.settings.presence_ttl_ms as i64;
+        let mut entries: Vec<PresenceEntry> = pairs
+            .into_iter()
+            .map(|(username, deadline)| PresenceEntry {
+                username,
+                last_seen_ms: deadline as i64 - ttl,
+            })
+            .collect();
+        entries.sort_by(|a, b| a.username.cmp(&b.username));
+        Ok(entries)
+    }
+
+    async fn typing(
+        &self,
+        channel: &ChannelName,
+        user: &Username,
+        on: bool,
+        event: &[u8],
+    ) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        self.scripts
+            .typing
+            .key(self.keys.typing(channel, user))
+            .arg(if on { "1" } else { "0" })
+            .arg(self.settings.typing_ttl_secs)
+            .arg(self.keys.events(channel.as_str()))
+            .arg(event)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_original_layout_and_parse_back() {
+        let keys = Keys::new("");
+        let ch = ChannelName::parse("general").unwrap();
+        assert_eq!(keys.history(&ch), "chat:general:messages");
+        assert_eq!(
+            keys.typing(&ch, &Username::parse("bob").unwrap()),
+            "typing:general:bob"
+        );
+        assert_eq!(keys.channel_of_events("chat:general:events"), Some("general"));
+        assert_eq!(keys.channel_of_events("other"), None);
+
+        let keys = Keys::new("t1:");
+        assert_eq!(keys.history(&ch), "t1:chat:general:messages");
+        assert_eq!(keys.channel_of_events("t1:chat:x:events"), Some("x"));
+        assert_eq!(keys.channel_of_events("chat:x:events"), None);
+    }
+}

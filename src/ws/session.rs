@@ -1,0 +1,228 @@
+//! One WebSocket session: a single `select!` loop that owns the socket.
+//!
+//! It waits on, in priority order: the hub's "too slow" kick, shutdown (then a staggered
+//! close), the outbound queue (frames written in batches, one flush per batch), inbound
+//! frames, and the heartbeat. Every inbound problem gets an error frame and the loop goes
+//! on reading; only an oversized message (1009), a slow reader (1013), a silent peer
+//! (4000), shutdown (1001) or a broken socket end it. The loop is generic over the socket,
+//! so it does not depend on how the connection was upgraded.
+
+use std::time::Duration;
+
+use axum::Error;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+use super::protocol::ClientFrame;
+use crate::chat::event::ServerFrame;
+use crate::chat::{ChatError, Connection, Draft};
+
+/// Close codes sent by the server (documented in docs/protocol.md).
+pub mod close_code {
+    /// Server shutting down: reconnect (with backoff and jitter).
+    pub const GOING_AWAY: u16 = 1001;
+    /// A message over `ws.max_message_bytes`.
+    pub const TOO_BIG: u16 = 1009;
+    /// The client did not read its frames fast enough (its queue filled up).
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// Nothing heard from the client (not even a pong) within the heartbeat timeout.
+    pub const HEARTBEAT_TIMEOUT: u16 = 4000;
+}
+
+/// Most queued frames written before one flush.
+const WRITE_BATCH: usize = 64;
+
+/// Per-session timing, from `[ws]` and `[server]` config.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    pub write_timeout: Duration,
+    /// Sessions close at a random moment within this window after shutdown starts.
+    pub drain_window: Duration,
+}
+
+enum Step {
+    Continue,
+    Stop,
+}
+
+/// Runs the session until it ends, then leaves the channel.
+pub async fn run<S>(socket: S, mut conn: Connection, settings: SessionSettings, shutdown: CancellationToken)
+where
+    S: Stream<Item = Result<Message, Error>> + Sink<Message, Error = Error> + Unpin,
+{
+    let (mut sink, mut stream) = socket.split();
+    let mut ping = tokio::time::interval_at(
+        Instant::now() + settings.ping_interval,
+        settings.ping_interval,
+    );
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let drain = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(drain);
+    let mut draining = false;
+
+    loop {
+        let step = tokio::select! {
+            biased;
+            () = conn.kick.cancelled() => {
+                close(&mut sink, close_code::TRY_AGAIN_LATER, "too slow: read your messages faster", &settings).await;
+                Step::Stop
+            }
+            () = shutdown.cancelled(), if !draining => {
+                draining = true;
+                let delay = settings.drain_window.mul_f64(fastrand::f64());
+                drain.as_mut().reset(Instant::now() + delay);
+                Step::Continue
+            }
+            () = &mut drain, if draining => {
+                close(&mut sink, close_code::GOING_AWAY, "server shutting down, reconnect", &settings).await;
+                Step::Stop
+            }
+            frame = conn.outbound.recv() => match frame {
+                Some(first) => write_batch(&mut sink, &mut conn, first, &settings).await,
+                None => Step::Stop,
+            },
+            inbound = stream.next() => {
+                last_heard = Instant::now();
+                match inbound {
+                    None => Step::Stop,
+                    Some(Ok(message)) => handle(&mut sink, &mut conn, message, &settings).await,
+                    Some(Err(e)) => {
+                        if is_too_big(e) {
+                            close(&mut sink, close_code::TOO_BIG, "message too big", &settings).await;
+                        }
+                        Step::Stop
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > settings.ping_interval + settings.pong_timeout {
+                    close(&mut sink, close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout", &settings).await;
+                    Step::Stop
+                } else {
+                    send(&mut sink, Message::Ping(Default::default()), &settings).await
+                }
+            }
+        };
+        if matches!(step, Step::Stop) {
+            break;
+        }
+    }
+    conn.close().await;
+}
+
+fn is_too_big(error: Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    error
+        .into_inner()
+        .downcast::<WsError>()
+        .is_ok_and(|e| matches!(*e, WsError::Capacity(_)))
+}
+
+async fn handle<S>(sink: &mut S, conn: &mut Connection, message: Message, settings: &SessionSettings) -> Step
+where
+    S: Sink<Message, Error = Error> + Unpin,
+{
+    let text = match message {
+        Message::Text(text) => text,
+        Message::Binary(_) => {
+            let frame = ServerFrame::error("unsupported_binary", "binary frames are not supported; send JSON text frames");
+            return send_frame(sink, &frame, settings).await;
+        }
+        // Pongs only prove liveness; pings are answered by the protocol layer.
+        Message::Ping(_) | Message::Pong(_) => return Step::Continue,
+        Message::Close(_) => return Step::Stop,
+    };
+    let frame = match ClientFrame::parse(text.as_str()) {
+        Ok(frame) => frame,
+        Err(e) => return send_frame(sink, &ServerFrame::error(e.code, e.detail), settings).await,
+    };
+    let result = match frame {
+        ClientFrame::Message {
+            content,
+            message_type,
+            client_id,
+        } => match Draft::parse(content, &message_type, conn.limits()) {
+            Ok(draft) => conn.send(draft, client_id.as_deref()).await.map(drop),
+            Err(e) => Err(e.into()),
+        },
+        ClientFrame::TypingStart => conn.typing(true).await,
+        ClientFrame::TypingStop => conn.typing(false).await,
+    };
+    match result {
+        Ok(()) => Step::Continue,
+        Err(ChatError::Invalid(e)) => send_frame(sink, &ServerFrame::error(e.code, e.detail), settings).await,
+        Err(ChatError::NotFound(what)) => send_frame(sink, &ServerFrame::error("not_found", what), settings).await,
+        Err(ChatError::Unavailable(cause)) => {
+            tracing::warn!(channel = %conn.channel, error = %cause, "frame failed: store unavailable");
+            let frame = ServerFrame::Error {
+                code: "store_unavailable",
+                detail: "chat store unavailable; the message was not sent".into(),
+                retry_after_ms: Some(1000),
+            };
+            send_frame(sink, &frame, settings).await
+        }
+    }
+}
+
+async fn write_batch<S>(sink: &mut S, conn: &mut Connection, first: bytes::Bytes, settings: &SessionSettings) -> Step
+where
+    S: Sink<Message, Error = Error> + Unpin,
+{
+    let write = async {
+        sink.feed(text_message(first)).await?;
+        for _ in 1..WRITE_BATCH {
+            match conn.outbound.try_recv() {
+                Ok(frame) => sink.feed(text_message(frame)).await?,
+                Err(_) => break,
+            }
+        }
+        sink.flush().await
+    };
+    match timeout(settings.write_timeout, write).await {
+        Ok(Ok(())) => Step::Continue,
+        _ => Step::Stop,
+    }
+}
+
+fn text_message(frame: bytes::Bytes) -> Message {
+    // Frames come from serde_json, so they are UTF-8; a failure would be a bug upstream.
+    match Utf8Bytes::try_from(frame) {
+        Ok(text) => Message::Text(text),
+        Err(_) => Message::Text(Utf8Bytes::from_static(
+            r#"{"type":"error","code":"internal","detail":"frame encoding error"}"#,
+        )),
+    }
+}
+
+async fn send_frame<S>(sink: &mut S, frame: &ServerFrame, settings: &SessionSettings) -> Step
+where
+    S: Sink<Message, Error = Error> + Unpin,
+{
+    send(sink, Message::Text(frame.to_json().into()), settings).await
+}
+
+async fn send<S>(sink: &mut S, message: Message, settings: &SessionSettings) -> Step
+where
+    S: Sink<Message, Error = Error> + Unpin,
+{
+    match timeout(settings.write_timeout, sink.send(message)).await {
+        Ok(Ok(())) => Step::Continue,
+        _ => Step::Stop,
+    }
+}
+
+async fn close<S>(sink: &mut S, code: u16, reason: &'static str, settings: &SessionSettings)
+where
+    S: Sink<Message, Error = Error> + Unpin,
+{
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = timeout(settings.write_timeout.min(Duration::from_secs(2)), sink.send(Message::Close(Some(frame)))).await;
+}
