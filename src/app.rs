@@ -83,7 +83,10 @@ impl Application {
                 &background_tasks,
             );
             tracing::info!(redis = %config.redis.redacted_url(), replica, "store and bus on Redis");
-            (Arc::new(RedisStore::new(conn, keys, settings)), Arc::new(bus))
+            (
+                Arc::new(RedisStore::new(conn, keys, settings)),
+                Arc::new(bus),
+            )
         } else {
             let bus = Arc::new(MemoryBus::new(hub.clone()));
             tracing::info!(replica, "store and bus in memory (single process)");
@@ -159,7 +162,8 @@ impl Application {
         } = self;
         let shutdown = state.shutdown.clone();
         let sessions = state.sessions.clone();
-        let router = crate::http::middleware::apply(crate::http::router(state.clone()), &state.config);
+        let router =
+            crate::http::middleware::apply(crate::http::router(state.clone()), &state.config);
         tracing::info!(addr = %listener.local_addr()?, "listening");
         axum::serve(
             listener,
@@ -169,7 +173,11 @@ impl Application {
         .await?;
 
         let open = state.chat.hub().session_count();
-        tracing::info!(sessions = open, grace_secs = grace.as_secs(), "draining WebSocket sessions");
+        tracing::info!(
+            sessions = open,
+            grace_secs = grace.as_secs(),
+            "draining WebSocket sessions"
+        );
         sessions.close();
         if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
             tracing::warn!(

@@ -193,7 +193,9 @@ impl Config {
     /// invalid setting found.
     pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
-        let schema: Table = DEFAULT_TOML.parse().expect("config/default.toml is valid TOML");
+        let schema: Table = DEFAULT_TOML
+            .parse()
+            .expect("config/default.toml is valid TOML");
         let mut merged = schema.clone();
 
         let var = |name: &str| {
@@ -385,8 +387,7 @@ impl Config {
              authenticating proxy",
         );
         for origin in &self.cors.allowed_origins {
-            if origin == "*" || !(origin.starts_with("http://") || origin.starts_with("https://"))
-            {
+            if origin == "*" || !(origin.starts_with("http://") || origin.starts_with("https://")) {
                 problems.push(format!(
                     "cors.allowed_origins: {origin:?} is not an exact http(s) origin"
                 ));
@@ -434,10 +435,7 @@ fn merge_file(schema: &Table, merged: &mut Table, path: &Path, problems: &mut Ve
         };
         for (key, value) in body {
             if schema_value(schema, &section, &key).is_none() {
-                problems.push(format!(
-                    "{}: unknown key {section}.{key}",
-                    path.display()
-                ));
+                problems.push(format!("{}: unknown key {section}.{key}", path.display()));
                 continue;
             }
             set(merged, &section, &key, value);
@@ -575,7 +573,10 @@ mod tests {
     fn env_vars_are_typed_by_the_schema() {
         let config = Config::load(&vars(&[
             ("CHATGATE_SERVER__PORT", "9100"),
-            ("CHATGATE_CORS__ALLOWED_ORIGINS", "https://a.example, https://b.example"),
+            (
+                "CHATGATE_CORS__ALLOWED_ORIGINS",
+                "https://a.example, https://b.example",
+            ),
             ("CHATGATE_REDIS__URL", "redis://r:6379/2"),
         ]))
         .unwrap();
@@ -627,7 +628,10 @@ mod tests {
 
         let err = Config::load(&vars(&[
             ("CHATGATE_CHAT__HISTORY_MAX_LIMIT", "5000"),
-            ("CHATGATE_CORS__ALLOWED_ORIGINS", "*,https://ok.example/path"),
+            (
+                "CHATGATE_CORS__ALLOWED_ORIGINS",
+                "*,https://ok.example/path",
+            ),
         ]))
         .unwrap_err();
         assert_eq!(err.0.len(), 3, "{err}");

@@ -108,7 +108,8 @@ impl IntoResponse for ApiError {
             ),
             Self::Internal(cause) => ("Internal server error".to_string(), Some(cause)),
         };
-        let mut response = (status, Json(json!({ "detail": detail, "code": code }))).into_response();
+        let mut response =
+            (status, Json(json!({ "detail": detail, "code": code }))).into_response();
         if let Some(cause) = cause {
             response.extensions_mut().insert(ErrorCause(cause));
         }

@@ -75,7 +75,11 @@ fn main() -> ExitCode {
         println!(
             "configuration OK (environment {}, store {}, redis {})",
             config.environment,
-            if config.uses_redis() { "redis" } else { "memory" },
+            if config.uses_redis() {
+                "redis"
+            } else {
+                "memory"
+            },
             redact_url(&config.redis.url)
         );
         return ExitCode::SUCCESS;

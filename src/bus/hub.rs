@@ -71,7 +71,9 @@ impl Hub {
 
     pub fn add(&self, channel: &str, member: Member) {
         let mut channels = self.channels.write().unwrap_or_else(|e| e.into_inner());
-        let list = channels.entry(channel.to_string()).or_insert_with(|| Arc::from([]));
+        let list = channels
+            .entry(channel.to_string())
+            .or_insert_with(|| Arc::from([]));
         let mut next = Vec::with_capacity(list.len() + 1);
         next.extend(list.iter().cloned());
         next.push(member);
@@ -224,21 +226,38 @@ mod tests {
         let (b, mut rx_b) = member(2, 8);
         hub.add("c", a);
         hub.add("c", b);
-        let origin = || Some(Origin { replica: "r".into(), conn: 1 });
+        let origin = || {
+            Some(Origin {
+                replica: "r".into(),
+                conn: 1,
+            })
+        };
 
-        hub.deliver("c", &Envelope::encode(&typing(), origin(), Echo::Others, None, true));
+        hub.deliver(
+            "c",
+            &Envelope::encode(&typing(), origin(), Echo::Others, None, true),
+        );
         assert!(rx_a.try_recv().is_err(), "origin excluded");
         assert!(rx_b.try_recv().is_ok());
 
-        hub.deliver("c", &Envelope::encode(&deleted(), origin(), Echo::All, Some("cid"), false));
+        hub.deliver(
+            "c",
+            &Envelope::encode(&deleted(), origin(), Echo::All, Some("cid"), false),
+        );
         let echo: serde_json::Value = serde_json::from_slice(&rx_a.try_recv().unwrap()).unwrap();
         assert_eq!(echo["client_id"], "cid");
         let other: serde_json::Value = serde_json::from_slice(&rx_b.try_recv().unwrap()).unwrap();
         assert!(other.get("client_id").is_none());
 
         // Same conn number on another replica is not the origin.
-        let foreign = Some(Origin { replica: "other".into(), conn: 1 });
-        hub.deliver("c", &Envelope::encode(&typing(), foreign, Echo::Others, None, true));
+        let foreign = Some(Origin {
+            replica: "other".into(),
+            conn: 1,
+        });
+        hub.deliver(
+            "c",
+            &Envelope::encode(&typing(), foreign, Echo::Others, None, true),
+        );
         assert!(rx_a.try_recv().is_ok());
     }
 

@@ -128,7 +128,9 @@ impl Subscriber {
         let mut backoff = BACKOFF_MIN;
         let mut connected_before = false;
         loop {
-            let exit = self.session(&mut rx, &shutdown, &mut connected_before).await;
+            let exit = self
+                .session(&mut rx, &shutdown, &mut connected_before)
+                .await;
             self.ready.store(false, Ordering::Release);
             match exit {
                 Exit::Shutdown => return,
@@ -208,7 +210,10 @@ impl Subscriber {
         self.ready.store(true, Ordering::Release);
         if *connected_before {
             self.reconnects.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(channels = self.wanted.len(), "bus subscriber reconnected and resubscribed");
+            tracing::info!(
+                channels = self.wanted.len(),
+                "bus subscriber reconnected and resubscribed"
+            );
         }
         *connected_before = true;
         for ack in self.waiting.drain(..) {

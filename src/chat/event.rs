@@ -172,7 +172,10 @@ mod tests {
             r#"{"type":"typing_status","username":"bob","channel":"general","is_typing":true,"timestamp":"2024-01-01T12:00:00.000000Z"}"#
         );
         let json = ServerFrame::error("invalid_json", "nope").to_json();
-        assert_eq!(json, r#"{"type":"error","code":"invalid_json","detail":"nope"}"#);
+        assert_eq!(
+            json,
+            r#"{"type":"error","code":"invalid_json","detail":"nope"}"#
+        );
     }
 
     #[test]

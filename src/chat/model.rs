@@ -57,7 +57,10 @@ fn parse_name(
 ) -> Result<String, ValidationError> {
     let chars = raw.chars().count();
     if chars == 0 {
-        return Err(ValidationError::new(code, format!("{what} must not be empty")));
+        return Err(ValidationError::new(
+            code,
+            format!("{what} must not be empty"),
+        ));
     }
     if chars > max {
         return Err(ValidationError::new(
@@ -266,7 +269,16 @@ mod tests {
     #[test]
     fn names_refuse_key_breakers_and_control_characters() {
         for bad in [
-            "", "a:b", "a*", "a b", "{tag}", "a\nb", "a\u{202e}b", "a\"b", "a/b", "\u{0}",
+            "",
+            "a:b",
+            "a*",
+            "a b",
+            "{tag}",
+            "a\nb",
+            "a\u{202e}b",
+            "a\"b",
+            "a/b",
+            "\u{0}",
         ] {
             assert_eq!(
                 Username::parse(bad).unwrap_err().code,

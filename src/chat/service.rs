@@ -19,8 +19,8 @@ use super::event::{Echo, Envelope, Origin, ServerFrame};
 use super::model::{
     ChannelName, ChatMessage, MessageId, MessageType, Timestamp, Username, ValidationError,
 };
-use crate::bus::hub::{Hub, Member};
 use crate::bus::Bus;
+use crate::bus::hub::{Hub, Member};
 use crate::store::{PresenceMember, Store, StoreError};
 
 /// Why a chat operation failed. Maps to a REST status and a WebSocket error code.
@@ -386,14 +386,19 @@ impl ChatService {
 
     /// Leaves the channel: local fan-out, typing (with `typing_status` false to the
     /// others), then presence (`user_left` when it was the user's last connection).
-    async fn leave(&self, conn: u64, username: &Username, channel: &ChannelName, conn_key: &str, typing: bool) {
+    async fn leave(
+        &self,
+        conn: u64,
+        username: &Username,
+        channel: &ChannelName,
+        conn_key: &str,
+        typing: bool,
+    ) {
         if self.hub.remove(channel.as_str(), conn) {
             self.bus.release(channel.as_str());
         }
-        if typing {
-            if let Err(e) = self.set_typing(conn, username, channel, false).await {
-                tracing::warn!(%channel, error = %e, "could not clear typing state on disconnect");
-            }
+        if typing && let Err(e) = self.set_typing(conn, username, channel, false).await {
+            tracing::warn!(%channel, error = %e, "could not clear typing state on disconnect");
         }
         let left = ServerFrame::UserLeft {
             username: username.to_string(),
@@ -473,7 +478,12 @@ impl Connection {
     ) -> Result<ChatMessage, ChatError> {
         let service = self.service.clone();
         let message = service
-            .send(&self.username, &self.channel, draft, Some((self.conn, client_id)))
+            .send(
+                &self.username,
+                &self.channel,
+                draft,
+                Some((self.conn, client_id)),
+            )
             .await?;
         if self.typing {
             // Sending ends typing, as the original client assumes.

@@ -35,18 +35,20 @@ pub fn apply(router: Router, config: &Config) -> Router {
         // A request id (the client's, or a new UUID) before the span, so the span has it.
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         // The request span, named by route template: never the raw path or query string.
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<Body>| {
-            let route = request
-                .extensions()
-                .get::<MatchedPath>()
-                .map_or("unmatched", |p| p.as_str());
-            let request_id = request
-                .headers()
-                .get(REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            tracing::info_span!("http", method = %request.method(), route, request_id)
-        }))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<Body>| {
+                let route = request
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map_or("unmatched", |p| p.as_str());
+                let request_id = request
+                    .headers()
+                    .get(REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("http", method = %request.method(), route, request_id)
+            }),
+        )
         // Return the request id to the client.
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         // Inside the span: write 5xx causes carried by ApiError responses.
@@ -75,9 +77,11 @@ pub fn apply(router: Router, config: &Config) -> Router {
             Duration::from_secs(config.server.request_timeout_secs),
         ))
         // Innermost: a panicking handler becomes a generic 500 and the server keeps serving.
-        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-            ApiError::Internal("handler panicked".into()).into_response()
-        }));
+        .layer(CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                ApiError::Internal("handler panicked".into()).into_response()
+            },
+        ));
     router.layer(stack)
 }
 

@@ -112,15 +112,17 @@ async fn list_history(
     let channel = channel(&raw_channel)?;
     let limit = match params(query)?.get("limit") {
         None => None,
-        Some(raw) => Some(raw.trim().parse::<i64>().map_err(|_| {
-            ApiError::bad_request("invalid_limit", "limit must be an integer")
-        })?),
+        Some(raw) => Some(
+            raw.trim()
+                .parse::<i64>()
+                .map_err(|_| ApiError::bad_request("invalid_limit", "limit must be an integer"))?,
+        ),
     };
     let messages = state.chat.history(&channel, limit).await?;
     Ok(Json(json!({
+        "messages": messages,
         "total_count": messages.len(),
         "channel": channel.as_str(),
-        "messages": messages,
     })))
 }
 
@@ -132,14 +134,16 @@ async fn list_online_users(
     let users = state.chat.online(&channel).await?;
     Ok(Json(json!({
         "channel": channel.as_str(),
-        "count": users.len(),
         "online_users": users,
+        "count": users.len(),
     })))
 }
 
 async fn list_channels(State(state): State<AppState>) -> AppResult<Json<Value>> {
     let channels = state.chat.channels().await?;
-    Ok(Json(json!({ "count": channels.len(), "channels": channels })))
+    Ok(Json(
+        json!({ "channels": channels, "count": channels.len() }),
+    ))
 }
 
 /// The body of `POST /api/chat/message`.
@@ -171,8 +175,8 @@ async fn send_message(
     };
     let sender = Username::parse(&body.sender).map_err(unprocessable)?;
     let channel = ChannelName::parse(&body.channel).map_err(unprocessable)?;
-    let draft =
-        Draft::parse(body.content, &body.message_type, state.chat.limits()).map_err(unprocessable)?;
+    let draft = Draft::parse(body.content, &body.message_type, state.chat.limits())
+        .map_err(unprocessable)?;
     let message = state.chat.send(&sender, &channel, draft, None).await?;
     Ok(Json(json!({
         "success": true,

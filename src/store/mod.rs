@@ -63,8 +63,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes the message with this id and publishes `event`; `false` (and no event) when
     /// no such message is in the history.
-    async fn delete(&self, channel: &ChannelName, id: &MessageId, event: &[u8])
-    -> StoreResult<bool>;
+    async fn delete(
+        &self,
+        channel: &ChannelName,
+        id: &MessageId,
+        event: &[u8],
+    ) -> StoreResult<bool>;
 
     /// Channels with history, sorted by name.
     async fn channels(&self) -> StoreResult<Vec<String>>;

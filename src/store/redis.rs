@@ -457,7 +457,10 @@ mod tests {
             keys.typing(&ch, &Username::parse("bob").unwrap()),
             "typing:general:bob"
         );
-        assert_eq!(keys.channel_of_events("chat:general:events"), Some("general"));
+        assert_eq!(
+            keys.channel_of_events("chat:general:events"),
+            Some("general")
+        );
         assert_eq!(keys.channel_of_events("other"), None);
 
         let keys = Keys::new("t1:");

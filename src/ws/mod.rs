@@ -20,8 +20,7 @@ pub async fn connect_chat(
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     ws: WebSocketUpgrade,
 ) -> AppResult<Response> {
-    let Query(params) =
-        query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let username = params
         .get("username")
         .ok_or_else(|| ApiError::bad_request("missing_username", "username is required"))?;

@@ -50,8 +50,12 @@ enum Step {
 }
 
 /// Runs the session until it ends, then leaves the channel.
-pub async fn run<S>(socket: S, mut conn: Connection, settings: SessionSettings, shutdown: CancellationToken)
-where
+pub async fn run<S>(
+    socket: S,
+    mut conn: Connection,
+    settings: SessionSettings,
+    shutdown: CancellationToken,
+) where
     S: Stream<Item = Result<Message, Error>> + Sink<Message, Error = Error> + Unpin,
 {
     let (mut sink, mut stream) = socket.split();
@@ -123,14 +127,22 @@ fn is_too_big(error: Error) -> bool {
         .is_ok_and(|e| matches!(*e, WsError::Capacity(_)))
 }
 
-async fn handle<S>(sink: &mut S, conn: &mut Connection, message: Message, settings: &SessionSettings) -> Step
+async fn handle<S>(
+    sink: &mut S,
+    conn: &mut Connection,
+    message: Message,
+    settings: &SessionSettings,
+) -> Step
 where
     S: Sink<Message, Error = Error> + Unpin,
 {
     let text = match message {
         Message::Text(text) => text,
         Message::Binary(_) => {
-            let frame = ServerFrame::error("unsupported_binary", "binary frames are not supported; send JSON text frames");
+            let frame = ServerFrame::error(
+                "unsupported_binary",
+                "binary frames are not supported; send JSON text frames",
+            );
             return send_frame(sink, &frame, settings).await;
         }
         // Pongs only prove liveness; pings are answered by the protocol layer.
@@ -155,8 +167,12 @@ where
     };
     match result {
         Ok(()) => Step::Continue,
-        Err(ChatError::Invalid(e)) => send_frame(sink, &ServerFrame::error(e.code, e.detail), settings).await,
-        Err(ChatError::NotFound(what)) => send_frame(sink, &ServerFrame::error("not_found", what), settings).await,
+        Err(ChatError::Invalid(e)) => {
+            send_frame(sink, &ServerFrame::error(e.code, e.detail), settings).await
+        }
+        Err(ChatError::NotFound(what)) => {
+            send_frame(sink, &ServerFrame::error("not_found", what), settings).await
+        }
         Err(ChatError::Unavailable(cause)) => {
             tracing::warn!(channel = %conn.channel, error = %cause, "frame failed: store unavailable");
             let frame = ServerFrame::Error {
@@ -169,7 +185,12 @@ where
     }
 }
 
-async fn write_batch<S>(sink: &mut S, conn: &mut Connection, first: bytes::Bytes, settings: &SessionSettings) -> Step
+async fn write_batch<S>(
+    sink: &mut S,
+    conn: &mut Connection,
+    first: bytes::Bytes,
+    settings: &SessionSettings,
+) -> Step
 where
     S: Sink<Message, Error = Error> + Unpin,
 {
@@ -224,5 +245,9 @@ where
         code,
         reason: Utf8Bytes::from_static(reason),
     };
-    let _ = timeout(settings.write_timeout.min(Duration::from_secs(2)), sink.send(Message::Close(Some(frame)))).await;
+    let _ = timeout(
+        settings.write_timeout.min(Duration::from_secs(2)),
+        sink.send(Message::Close(Some(frame))),
+    )
+    .await;
 }

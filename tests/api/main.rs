@@ -1,0 +1,10 @@
+//! Integration tests: the real app on port 0, over real sockets, with a private
+//! `redis-server` per test where Redis is involved.
+
+mod faults;
+mod helpers;
+mod lifecycle;
+mod replicas;
+mod rest;
+mod store;
+mod ws;

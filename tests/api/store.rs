@@ -1,0 +1,310 @@
+//! One conformance suite for both stores: what the chat service relies on.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chatgate::bus::memory::MemoryBus;
+use chatgate::bus::redis::{BusTimeouts, RedisBus};
+use chatgate::bus::{Bus, Deliver};
+use chatgate::chat::model::{ChannelName, MessageId, Username};
+use chatgate::store::memory::MemoryStore;
+use chatgate::store::redis::{Keys, RedisStore};
+use chatgate::store::{PresenceMember, Store, StoreSettings};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::helpers::{RedisServer, WAIT};
+
+/// Records what the store published, per channel, and lets the test await it.
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Vec<(String, String)>>,
+    arrived: Notify,
+}
+
+impl Deliver for Recorder {
+    fn deliver(&self, channel: &str, payload: &[u8]) {
+        let text = String::from_utf8_lossy(payload).to_string();
+        self.events
+            .lock()
+            .unwrap()
+            .push((channel.to_string(), text));
+        self.arrived.notify_waiters();
+    }
+
+    fn has_members(&self, _channel: &str) -> bool {
+        true
+    }
+
+    fn channels(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+impl Recorder {
+    /// Waits until `n` events have arrived and returns them (channel, frame type).
+    async fn take(&self, n: usize) -> Vec<(String, String)> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let notified = self.arrived.notified();
+            {
+                let mut events = self.events.lock().unwrap();
+                if events.len() >= n {
+                    return events
+                        .drain(..n)
+                        .map(|(channel, payload)| {
+                            let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+                            (
+                                channel,
+                                v["frame"]["type"].as_str().unwrap_or("?").to_string(),
+                            )
+                        })
+                        .collect();
+                }
+            }
+            tokio::time::timeout_at(deadline, notified)
+                .await
+                .expect("events arrive");
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.events.lock().unwrap().len()
+    }
+}
+
+fn settings() -> StoreSettings {
+    StoreSettings {
+        history_max: 5,
+        history_ttl_secs: 3600,
+        presence_ttl_ms: 400,
+        typing_ttl_secs: 10,
+    }
+}
+
+fn event(kind: &str) -> Vec<u8> {
+    format!(r#"{{"v":1,"echo":"all","frame":{{"type":"{kind}"}}}}"#).into_bytes()
+}
+
+fn entry(id: &str) -> String {
+    format!(
+        r#"{{"sender":"s","content":"{id}","channel":"c","message_type":"text","timestamp":"2024-01-01T00:00:00Z","message_id":"{id}"}}"#
+    )
+}
+
+fn ch(name: &str) -> ChannelName {
+    ChannelName::parse(name).unwrap()
+}
+
+fn user(name: &str) -> Username {
+    Username::parse(name).unwrap()
+}
+
+async fn conformance(store: Arc<dyn Store>, recorder: Arc<Recorder>) {
+    store.ping().await.unwrap();
+    let c = ch("conf");
+
+    // History: newest `history_max` kept, returned oldest first; one event per append.
+    for i in 0..7 {
+        store
+            .append(&c, &entry(&format!("id{i}")), &event("message"))
+            .await
+            .unwrap();
+    }
+    let history = store.history(&c, 10).await.unwrap();
+    assert_eq!(
+        history,
+        (2..7).map(|i| entry(&format!("id{i}"))).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        store.history(&c, 2).await.unwrap(),
+        [entry("id5"), entry("id6")]
+    );
+    assert!(store.history(&ch("none"), 10).await.unwrap().is_empty());
+    let events = recorder.take(7).await;
+    assert!(
+        events
+            .iter()
+            .all(|(channel, kind)| channel == "conf" && kind == "message")
+    );
+
+    // Channels: those with history, sorted.
+    store
+        .append(&ch("alpha"), &entry("a"), &event("message"))
+        .await
+        .unwrap();
+    recorder.take(1).await;
+    assert_eq!(store.channels().await.unwrap(), ["alpha", "conf"]);
+
+    // Delete by id: exact, evented, false when absent; the last delete empties the channel.
+    let id = |s: &str| MessageId::parse(s).unwrap();
+    assert!(
+        store
+            .delete(&c, &id("id4"), &event("message_deleted"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        recorder.take(1).await,
+        [("conf".to_string(), "message_deleted".to_string())]
+    );
+    assert!(
+        !store
+            .delete(&c, &id("id4"), &event("message_deleted"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .delete(&c, &id("id0"), &event("message_deleted"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.history(&c, 10).await.unwrap().len(), 4);
+    assert!(
+        store
+            .delete(&ch("alpha"), &id("a"), &event("message_deleted"))
+            .await
+            .unwrap()
+    );
+    recorder.take(1).await;
+    assert_eq!(store.channels().await.unwrap(), ["conf"]);
+
+    // Presence: first join and last leave announce; other tabs do not.
+    let p = ch("presence");
+    assert!(
+        store
+            .join(&p, &user("bob"), "r-1", &event("user_joined"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .join(&p, &user("bob"), "r-2", &event("user_joined"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .join(&p, &user("amy"), "r-3", &event("user_joined"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(recorder.take(2).await.len(), 2);
+    let names = |entries: Vec<chatgate::store::PresenceEntry>| -> Vec<String> {
+        entries.into_iter().map(|e| e.username).collect()
+    };
+    assert_eq!(names(store.online(&p).await.unwrap()), ["amy", "bob"]);
+    assert!(
+        !store
+            .leave(&p, &user("bob"), "r-1", &event("user_left"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(names(store.online(&p).await.unwrap()), ["amy", "bob"]);
+    assert!(
+        store
+            .leave(&p, &user("bob"), "r-2", &event("user_left"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .leave(&p, &user("bob"), "r-2", &event("user_left"))
+            .await
+            .unwrap(),
+        "idempotent"
+    );
+    assert_eq!(
+        recorder.take(1).await,
+        [("presence".to_string(), "user_left".to_string())]
+    );
+    assert_eq!(names(store.online(&p).await.unwrap()), ["amy"]);
+
+    // Unrefreshed connections expire (a dead replica); refreshed ones stay; refresh re-adds.
+    let amy = PresenceMember {
+        username: user("amy"),
+        conn_key: "r-3".into(),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1200);
+    while tokio::time::Instant::now() < deadline {
+        store.refresh(&p, std::slice::from_ref(&amy)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        names(store.online(&p).await.unwrap()),
+        ["amy"],
+        "refreshed past 3 TTLs"
+    );
+    assert!(
+        store
+            .join(&p, &user("ghost"), "dead-1", &event("user_joined"))
+            .await
+            .unwrap()
+    );
+    recorder.take(1).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    store.refresh(&p, std::slice::from_ref(&amy)).await.unwrap();
+    assert_eq!(
+        names(store.online(&p).await.unwrap()),
+        ["amy"],
+        "ghost expired"
+    );
+    let last_seen = store.online(&p).await.unwrap()[0].last_seen_ms;
+    let now = chrono::Utc::now().timestamp_millis();
+    assert!(
+        (now - last_seen).abs() < 5_000,
+        "last_seen is recent: {last_seen} vs {now}"
+    );
+
+    // Typing publishes both ways.
+    store
+        .typing(&p, &user("amy"), true, &event("typing_status"))
+        .await
+        .unwrap();
+    store
+        .typing(&p, &user("amy"), false, &event("typing_status"))
+        .await
+        .unwrap();
+    assert_eq!(recorder.take(2).await.len(), 2);
+    assert_eq!(recorder.pending(), 0, "nothing else was published");
+}
+
+#[tokio::test]
+async fn memory_store_conforms() {
+    let recorder = Arc::new(Recorder::default());
+    let bus = Arc::new(MemoryBus::new(recorder.clone()));
+    conformance(Arc::new(MemoryStore::new(settings(), bus)), recorder).await;
+}
+
+#[tokio::test]
+async fn redis_store_conforms() {
+    let redis = RedisServer::start().await;
+    let config = crate::helpers::test_config(Some(&redis), &[]);
+    let (client, conn) = chatgate::store::redis::connect(&config.redis)
+        .await
+        .unwrap();
+    let keys = Keys::new("conformance:");
+    let recorder = Arc::new(Recorder::default());
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let timeouts = BusTimeouts {
+        connect: Duration::from_secs(1),
+        command: Duration::from_secs(1),
+    };
+    let bus = RedisBus::start(
+        client,
+        keys.clone(),
+        recorder.clone(),
+        timeouts,
+        shutdown.clone(),
+        &tracker,
+    );
+    for channel in ["conf", "alpha", "presence"] {
+        bus.subscribe(channel).await.unwrap();
+    }
+    assert!(bus.is_ready());
+    conformance(Arc::new(RedisStore::new(conn, keys, settings())), recorder).await;
+    shutdown.cancel();
+}
