@@ -235,6 +235,10 @@ impl Config {
             }
         }
 
+        if overrides.dev {
+            // Dev defaults; environment variables and flags may still override them.
+            set(&mut merged, "log", "format", Value::String("text".into()));
+        }
         apply_seed_vars(&overrides.vars, &mut merged, &mut problems);
         for (name, value) in &overrides.vars {
             let Some(path) = name.strip_prefix(ENV_PREFIX) else {
@@ -259,8 +263,8 @@ impl Config {
             }
         }
         if overrides.dev {
+            // --dev is a flag: it wins over files and variables.
             set(&mut merged, "auth", "enabled", Value::Boolean(false));
-            set(&mut merged, "log", "format", Value::String("text".into()));
         }
         for (section, key, value) in &overrides.flags {
             set(&mut merged, section, key, value.clone());
@@ -364,8 +368,8 @@ impl Config {
         );
         if !self.redis.url.is_empty() {
             check(
-                self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://"),
-                "redis.url must start with redis:// or rediss://",
+                self.redis.url.starts_with("redis://"),
+                "redis.url must start with redis:// (TLS, rediss://, is not supported by this build)",
             );
         }
         match self.store.backend {
@@ -454,7 +458,10 @@ fn apply_seed_vars(vars: &[(String, String)], merged: &mut Table, problems: &mut
     };
     if let Some(url) = var("REDIS_URL").filter(|u| !u.is_empty()) {
         set(merged, "redis", "url", Value::String(url.into()));
-    } else if var("REDIS_HOST").is_some() || var("REDIS_PORT").is_some() {
+    } else if var("REDIS_HOST").is_some()
+        || var("REDIS_PORT").is_some()
+        || var("REDIS_DB").is_some()
+    {
         let host = var("REDIS_HOST").unwrap_or("localhost");
         let port = var("REDIS_PORT").unwrap_or("6379");
         let db = var("REDIS_DB").unwrap_or("0");
@@ -647,6 +654,23 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("no Redis configured"), "{text}");
         assert!(text.contains("auth.enabled"), "{text}");
+    }
+
+    #[test]
+    fn tls_urls_are_refused_up_front() {
+        let err = Config::load(&vars(&[("REDIS_URL", "rediss://cache:6380/0")])).unwrap_err();
+        assert!(err.to_string().contains("TLS"), "{err}");
+    }
+
+    #[test]
+    fn dev_log_format_is_a_default_but_auth_off_is_forced() {
+        let config = Config::load(&vars(&[
+            ("CHATGATE_LOG__FORMAT", "json"),
+            ("CHATGATE_AUTH__ENABLED", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert!(!config.auth.enabled);
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub enum ApiError {
     /// Redis (or the bus) failed; the string is the cause, for logs.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The process is draining and takes no new sessions; clients reconnect elsewhere.
+    #[error("shutting down")]
+    ShuttingDown,
     /// A bug; the string is the cause, for logs.
     #[error("internal error: {0}")]
     Internal(String),
@@ -64,7 +67,7 @@ impl ApiError {
             Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -75,6 +78,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Unavailable(_) => "store_unavailable",
+            Self::ShuttingDown => "shutting_down",
             Self::Internal(_) => "internal",
         }
     }
@@ -105,6 +109,10 @@ impl IntoResponse for ApiError {
             Self::Unavailable(cause) => (
                 "Chat store unavailable, try again later".to_string(),
                 Some(cause),
+            ),
+            Self::ShuttingDown => (
+                "Server is shutting down, reconnect with backoff".to_string(),
+                None,
             ),
             Self::Internal(cause) => ("Internal server error".to_string(), Some(cause)),
         };

@@ -80,7 +80,11 @@ fn main() -> ExitCode {
             } else {
                 "memory"
             },
-            redact_url(&config.redis.url)
+            if config.redis.url.is_empty() {
+                "none".to_string()
+            } else {
+                redact_url(&config.redis.url)
+            }
         );
         return ExitCode::SUCCESS;
     }

@@ -131,7 +131,10 @@ impl Subscriber {
             let exit = self
                 .session(&mut rx, &shutdown, &mut connected_before)
                 .await;
-            self.ready.store(false, Ordering::Release);
+            if self.ready.swap(false, Ordering::AcqRel) {
+                // This connection worked: the next outage starts from the shortest pause.
+                backoff = BACKOFF_MIN;
+            }
             match exit {
                 Exit::Shutdown => return,
                 Exit::Disconnected(why) => {
@@ -139,8 +142,9 @@ impl Subscriber {
                         "bus subscriber disconnected from Redis; reconnecting");
                 }
             }
-            // Wait out the backoff, still taking commands so callers are not stuck.
-            let pause = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+            // Wait out the backoff with full jitter, still taking commands so callers are
+            // not stuck (they time out on their own if Redis stays away).
+            let pause = backoff.mul_f64(fastrand::f64());
             let sleep = tokio::time::sleep(pause);
             tokio::pin!(sleep);
             loop {
@@ -154,9 +158,6 @@ impl Subscriber {
                 }
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
-            if self.ready.load(Ordering::Acquire) {
-                backoff = BACKOFF_MIN;
-            }
         }
     }
 

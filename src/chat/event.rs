@@ -39,12 +39,15 @@ pub enum ServerFrame {
         channel: String,
         timestamp: Timestamp,
     },
-    /// Sent only to the connection concerned, never over the bus.
+    /// Sent only to the connection concerned, never over the bus. `client_id` is the
+    /// one of the message frame that failed, when it had one.
     Error {
         code: &'static str,
         detail: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<String>,
     },
 }
 
@@ -58,7 +61,16 @@ impl ServerFrame {
             code,
             detail: detail.into(),
             retry_after_ms: None,
+            client_id: None,
         }
+    }
+
+    /// Ties an error frame to the client's message; other frames are unchanged.
+    pub fn for_client(mut self, id: Option<String>) -> Self {
+        if let Self::Error { client_id, .. } = &mut self {
+            *client_id = id;
+        }
+        self
     }
 }
 

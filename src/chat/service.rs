@@ -486,8 +486,11 @@ impl Connection {
             )
             .await?;
         if self.typing {
-            // Sending ends typing, as the original client assumes.
-            self.typing(false).await?;
+            // Sending ends typing, as the original client assumes. The message is stored
+            // whatever happens here, so a failure is only logged.
+            if let Err(e) = self.typing(false).await {
+                tracing::warn!(channel = %self.channel, error = %e, "could not clear typing after a send");
+            }
         }
         Ok(message)
     }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -11,12 +12,13 @@ use axum::response::{IntoResponse, Response};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
-use tower_http::limit::RequestBodyLimitLayer;
+
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCause};
@@ -36,18 +38,22 @@ pub fn apply(router: Router, config: &Config) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         // The request span, named by route template: never the raw path or query string.
         .layer(
-            TraceLayer::new_for_http().make_span_with(|request: &Request<Body>| {
-                let route = request
-                    .extensions()
-                    .get::<MatchedPath>()
-                    .map_or("unmatched", |p| p.as_str());
-                let request_id = request
-                    .headers()
-                    .get(REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                tracing::info_span!("http", method = %request.method(), route, request_id)
-            }),
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<Body>| {
+                    let route = request
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map_or("unmatched", |p| p.as_str());
+                    let request_id = request
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!("http", method = %request.method(), route, request_id)
+                })
+                // 5xx are expected answers (503 while Redis is down, /readyz while draining);
+                // their causes are logged at ERROR by `log_error_cause` below.
+                .on_failure(DefaultOnFailure::new().level(Level::WARN)),
         )
         // Return the request id to the client.
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
@@ -68,8 +74,9 @@ pub fn apply(router: Router, config: &Config) -> Router {
         ))
         // CORS answers preflights before they reach limits or handlers.
         .layer(cors(config))
-        // Bound the body before any handler buffers it (413).
-        .layer(RequestBodyLimitLayer::new(config.server.max_body_bytes))
+        // Bound the body before any handler buffers it: every body extractor reads through
+        // this limit, and our Json wrapper turns its rejection into a JSON 413.
+        .layer(DefaultBodyLimit::max(config.server.max_body_bytes))
         // A bound on how long a REST request may take. WebSocket sessions are not affected:
         // the upgrade response returns at once and the session runs on its own task.
         .layer(TimeoutLayer::with_status_code(

@@ -146,37 +146,42 @@ async fn list_channels(State(state): State<AppState>) -> AppResult<Json<Value>> 
     ))
 }
 
-/// The body of `POST /api/chat/message`.
+/// The body of `POST /api/chat/message`: a JSON object (an array is refused even where
+/// its items would fit). `channel` and `message_type` default as in the original, and
+/// `null` means the default, as on the WebSocket.
 #[derive(Debug, Deserialize)]
 pub struct SendMessageBody {
     sender: String,
     content: String,
-    #[serde(default = "default_channel")]
-    channel: String,
-    #[serde(default = "default_message_type")]
-    message_type: String,
-}
-
-fn default_channel() -> String {
-    DEFAULT_CHANNEL.to_string()
-}
-
-fn default_message_type() -> String {
-    "text".to_string()
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    message_type: Option<String>,
 }
 
 async fn send_message(
     State(state): State<AppState>,
-    AppJson(body): AppJson<SendMessageBody>,
+    AppJson(body): AppJson<Value>,
 ) -> AppResult<Json<Value>> {
+    if !body.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "Invalid request format: the body must be a JSON object",
+        ));
+    }
+    let body: SendMessageBody = serde_json::from_value(body).map_err(|e| {
+        ApiError::bad_request("invalid_request", format!("Invalid request format: {e}"))
+    })?;
     let unprocessable = |e: crate::chat::model::ValidationError| ApiError::Unprocessable {
         code: e.code,
         detail: e.detail,
     };
     let sender = Username::parse(&body.sender).map_err(unprocessable)?;
-    let channel = ChannelName::parse(&body.channel).map_err(unprocessable)?;
-    let draft = Draft::parse(body.content, &body.message_type, state.chat.limits())
+    let channel = ChannelName::parse(body.channel.as_deref().unwrap_or(DEFAULT_CHANNEL))
         .map_err(unprocessable)?;
+    let message_type = body.message_type.as_deref().unwrap_or("text");
+    let draft =
+        Draft::parse(body.content, message_type, state.chat.limits()).map_err(unprocessable)?;
     let message = state.chat.send(&sender, &channel, draft, None).await?;
     Ok(Json(json!({
         "success": true,

@@ -30,7 +30,7 @@ pub async fn connect_chat(
         None => ChannelName::general(),
     };
     if state.shutdown.is_cancelled() {
-        return Err(ApiError::Unavailable("draining".into()));
+        return Err(ApiError::ShuttingDown);
     }
     let connection = state.chat.connect(username, channel).await?;
     let ws_config = &state.config.ws;

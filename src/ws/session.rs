@@ -147,42 +147,46 @@ where
         }
         // Pongs only prove liveness; pings are answered by the protocol layer.
         Message::Ping(_) | Message::Pong(_) => return Step::Continue,
-        Message::Close(_) => return Step::Stop,
+        Message::Close(_) => {
+            // The protocol layer queued the close reply; write it before leaving.
+            let _ = timeout(settings.write_timeout, sink.close()).await;
+            return Step::Stop;
+        }
     };
     let frame = match ClientFrame::parse(text.as_str()) {
         Ok(frame) => frame,
         Err(e) => return send_frame(sink, &ServerFrame::error(e.code, e.detail), settings).await,
     };
-    let result = match frame {
+    let (result, client_id) = match frame {
         ClientFrame::Message {
             content,
             message_type,
             client_id,
-        } => match Draft::parse(content, &message_type, conn.limits()) {
-            Ok(draft) => conn.send(draft, client_id.as_deref()).await.map(drop),
-            Err(e) => Err(e.into()),
-        },
-        ClientFrame::TypingStart => conn.typing(true).await,
-        ClientFrame::TypingStop => conn.typing(false).await,
+        } => {
+            let result = match Draft::parse(content, &message_type, conn.limits()) {
+                Ok(draft) => conn.send(draft, client_id.as_deref()).await.map(drop),
+                Err(e) => Err(e.into()),
+            };
+            (result, client_id)
+        }
+        ClientFrame::TypingStart => (conn.typing(true).await, None),
+        ClientFrame::TypingStop => (conn.typing(false).await, None),
     };
-    match result {
-        Ok(()) => Step::Continue,
-        Err(ChatError::Invalid(e)) => {
-            send_frame(sink, &ServerFrame::error(e.code, e.detail), settings).await
-        }
-        Err(ChatError::NotFound(what)) => {
-            send_frame(sink, &ServerFrame::error("not_found", what), settings).await
-        }
+    let frame = match result {
+        Ok(()) => return Step::Continue,
+        Err(ChatError::Invalid(e)) => ServerFrame::error(e.code, e.detail),
+        Err(ChatError::NotFound(what)) => ServerFrame::error("not_found", what),
         Err(ChatError::Unavailable(cause)) => {
             tracing::warn!(channel = %conn.channel, error = %cause, "frame failed: store unavailable");
-            let frame = ServerFrame::Error {
+            ServerFrame::Error {
                 code: "store_unavailable",
-                detail: "chat store unavailable; the message was not sent".into(),
+                detail: "chat store unavailable; not sent, try again".into(),
                 retry_after_ms: Some(1000),
-            };
-            send_frame(sink, &frame, settings).await
+                client_id: None,
+            }
         }
-    }
+    };
+    send_frame(sink, &frame.for_client(client_id), settings).await
 }
 
 async fn write_batch<S>(

@@ -189,6 +189,7 @@ async fn post_validation_uses_the_error_shape() {
         ),
         (json!({"content": "x"}), 400, "invalid_request"),
         (json!({"sender": "a", "content": 5}), 400, "invalid_request"),
+        (json!(["a", "positional"]), 400, "invalid_request"),
     ];
     for (body, want_status, want_code) in cases {
         let (status, answer) = app.post("/api/chat/message", &body).await;

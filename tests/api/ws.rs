@@ -263,6 +263,15 @@ async fn no_half_dead_sockets() {
             "{text}"
         );
     }
+    // Errors about a message carry its client_id.
+    client
+        .send_json(json!({"content": "x", "message_type": "video", "client_id": "c-9"}))
+        .await;
+    let error = client.next().await;
+    assert_eq!(
+        (error["code"].as_str(), error["client_id"].as_str()),
+        (Some("invalid_message_type"), Some("c-9"))
+    );
     client
         .socket
         .send(Message::Binary(vec![1, 2, 3].into()))
@@ -353,4 +362,34 @@ async fn a_slow_reader_is_dropped_without_slowing_the_others() {
     );
     drop(slow);
     assert_eq!(app.history("general").await.len(), total.min(1000));
+}
+
+#[tokio::test]
+async fn a_client_close_is_answered_and_message_type_null_means_text() {
+    let app = TestApp::spawn(None, &[]).await;
+    let mut client = app.ws("bob", "general").await;
+    client
+        .send_json(json!({"content": "typed null", "message_type": null, "client_id": "n"}))
+        .await;
+    assert_eq!(client.next().await["message_type"], "text");
+    let (status, body) = app
+        .post(
+            "/api/chat/message",
+            &json!({"sender": "a", "content": "x", "message_type": null, "channel": null}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["data"]["channel"].as_str()),
+        (200, Some("general"))
+    );
+    let normal = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 1000.into(),
+        reason: "bye".into(),
+    };
+    client.socket.close(Some(normal)).await.unwrap();
+    let reply = client
+        .closed()
+        .await
+        .expect("the server answers a close with a close");
+    assert_eq!(u16::from(reply.code), 1000);
 }
