@@ -244,7 +244,7 @@ impl Config {
             let Some(path) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            if path == "ENVIRONMENT" || path == "CONFIG_DIR" {
+            if path == "ENVIRONMENT" || path == "CONFIG_DIR" || is_service_link(path) {
                 continue;
             }
             let Some((section, key)) = path.split_once("__") else {
@@ -450,11 +450,14 @@ fn merge_file(schema: &Table, merged: &mut Table, path: &Path, problems: &mut Ve
 /// The original service's variables: `REDIS_URL`, or `REDIS_HOST`/`REDIS_PORT`/`REDIS_DB`
 /// composed into a URL, and `API_HOST`/`API_PORT`.
 fn apply_seed_vars(vars: &[(String, String)], merged: &mut Table, problems: &mut Vec<String>) {
+    // Kubernetes injects REDIS_PORT=tcp://10.0.0.7:6379 for a Service named "redis"; that
+    // is not the original's variable, so such values are ignored.
     let var = |name: &str| {
         vars.iter()
             .rev()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
+            .filter(|v| !v.starts_with("tcp://") && !v.starts_with("udp://"))
     };
     if let Some(url) = var("REDIS_URL").filter(|u| !u.is_empty()) {
         set(merged, "redis", "url", Value::String(url.into()));
@@ -487,6 +490,12 @@ fn apply_seed_vars(vars: &[(String, String)], merged: &mut Table, problems: &mut
             Err(_) => problems.push(format!("API_PORT: {port:?} is not a port number")),
         }
     }
+}
+
+/// Variables Kubernetes injects for a Service named `chatgate` (`CHATGATE_PORT`,
+/// `CHATGATE_PORT_8000_TCP_ADDR`, `CHATGATE_SERVICE_HOST`, ...): not configuration.
+fn is_service_link(path: &str) -> bool {
+    path == "PORT" || path.starts_with("PORT_") || path.starts_with("SERVICE_")
 }
 
 fn schema_value<'a>(schema: &'a Table, section: &str, key: &str) -> Option<&'a Value> {
@@ -654,6 +663,19 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("no Redis configured"), "{text}");
         assert!(text.contains("auth.enabled"), "{text}");
+    }
+
+    #[test]
+    fn kubernetes_service_link_variables_are_ignored() {
+        let config = Config::load(&vars(&[
+            ("CHATGATE_PORT", "tcp://10.0.0.5:8000"),
+            ("CHATGATE_PORT_8000_TCP_ADDR", "10.0.0.5"),
+            ("CHATGATE_SERVICE_HOST", "10.0.0.5"),
+            ("REDIS_PORT", "tcp://10.0.0.7:6379"),
+        ]))
+        .unwrap();
+        assert!(config.redis.url.is_empty(), "{}", config.redis.url);
+        assert_eq!(config.server.port, 8000);
     }
 
     #[test]
