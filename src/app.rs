@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use axum::serve::ListenerExt;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,6 +20,11 @@ use crate::store::memory::MemoryStore;
 use crate::store::redis::{Keys, RedisStore};
 use crate::store::{Store, StoreSettings};
 use crate::ws::session::SessionSettings;
+
+/// Pending connections the kernel may queue before `accept` (capped by
+/// `net.core.somaxconn`). The default of 128 overflows when thousands of clients reconnect
+/// at once after a deploy.
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Longest wait for background tasks (bus subscriber, presence refresher) after sessions
 /// have closed.
@@ -112,7 +118,7 @@ impl Application {
             drain_window: grace.mul_f64(0.8),
         };
         let addr = format!("{}:{}", config.server.host, config.server.port);
-        let listener = TcpListener::bind(&addr)
+        let listener = bind(&addr)
             .await
             .map_err(|source| StartupError::Bind { addr, source })?;
         let state = AppState::new(Inner {
@@ -165,6 +171,11 @@ impl Application {
         let router =
             crate::http::middleware::apply(crate::http::router(state.clone()), &state.config);
         tracing::info!(addr = %listener.local_addr()?, "listening");
+        // No Nagle: chat frames are small and latency-bound (Nagle with delayed ACKs
+        // added ~40 ms to deliveries).
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),
@@ -191,4 +202,25 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Binds with a deliberate backlog (see [`LISTEN_BACKLOG`]).
+async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket
+            .bind(addr)
+            .and_then(|()| socket.listen(LISTEN_BACKLOG))
+        {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("address resolved to nothing")))
 }
