@@ -105,6 +105,7 @@ impl Application {
             max_text_bytes: config.chat.max_text_bytes,
             max_media_bytes: config.chat.max_media_bytes,
             outbound_queue: config.ws.outbound_queue,
+            outbound_queue_bytes: config.ws.outbound_queue_bytes,
             presence_refresh: Duration::from_secs(config.store.presence_refresh_secs),
         };
         let chat = Arc::new(ChatService::new(store, bus, hub, limits, sessions.clone()));
@@ -115,6 +116,7 @@ impl Application {
             ping_interval: Duration::from_secs(config.ws.ping_interval_secs),
             pong_timeout: Duration::from_secs(config.ws.pong_timeout_secs),
             write_timeout: Duration::from_secs(config.ws.write_timeout_secs),
+            write_delay: Duration::from_millis(config.ws.write_delay_ms),
             drain_window: grace.mul_f64(0.8),
         };
         let addr = format!("{}:{}", config.server.host, config.server.port);

@@ -120,9 +120,11 @@ pub struct WsConfig {
     pub write_buffer_bytes: usize,
     pub max_write_buffer_bytes: usize,
     pub outbound_queue: usize,
+    pub outbound_queue_bytes: usize,
     pub ping_interval_secs: u64,
     pub pong_timeout_secs: u64,
     pub write_timeout_secs: u64,
+    pub write_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -347,12 +349,24 @@ impl Config {
             "ws.outbound_queue must be at least 4",
         );
         check(
+            self.ws.outbound_queue_bytes >= 4096,
+            "ws.outbound_queue_bytes must be at least 4096",
+        );
+        check(
             self.ws.ping_interval_secs >= 1 && self.ws.pong_timeout_secs >= 1,
             "ws.ping_interval_secs and ws.pong_timeout_secs must be at least 1",
         );
         check(
             self.ws.write_timeout_secs >= 1,
             "ws.write_timeout_secs must be at least 1",
+        );
+        check(
+            self.ws.write_delay_ms <= 1000,
+            "ws.write_delay_ms must be at most 1000",
+        );
+        check(
+            self.ws.max_write_buffer_bytes > self.ws.write_buffer_bytes + self.ws.max_message_bytes,
+            "ws.max_write_buffer_bytes must exceed ws.write_buffer_bytes + ws.max_message_bytes",
         );
         check(
             self.server.request_timeout_secs >= 1,

@@ -11,7 +11,7 @@
 //! read lock and walks the list without holding any lock.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -22,6 +22,94 @@ use super::Deliver;
 use crate::chat::event::{Echo, Envelope, with_client_id};
 use crate::chat::model::Username;
 
+/// The sending side of a session's queue, bounded twice: by frames (the channel) and by
+/// bytes (so a burst of large media frames cannot hold more than the byte budget).
+#[derive(Clone, Debug)]
+pub struct Outlet {
+    tx: mpsc::Sender<Bytes>,
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// The receiving side, owned by the session.
+#[derive(Debug)]
+pub struct Outbox {
+    rx: mpsc::Receiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A queue for one session: at most `frames` frames and `max_bytes` bytes (a single frame
+/// larger than the budget still passes when nothing else is queued).
+pub fn outbox(frames: usize, max_bytes: usize) -> (Outlet, Outbox) {
+    let (tx, rx) = mpsc::channel(frames);
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        Outlet {
+            tx,
+            queued: queued.clone(),
+            max_bytes,
+        },
+        Outbox { rx, queued },
+    )
+}
+
+impl Outbox {
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        let frame = self.rx.recv().await?;
+        self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+        Some(frame)
+    }
+
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        let frame = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+        Some(frame)
+    }
+}
+
+/// What happened to an offered frame.
+#[derive(Debug, PartialEq, Eq)]
+enum Offer {
+    Queued,
+    /// An ephemeral frame dropped because the queue is at least half full.
+    Dropped,
+    /// The queue is full: the reader is too slow.
+    Full,
+    /// The session is gone.
+    Closed,
+}
+
+impl Outlet {
+    fn offer(&self, frame: Bytes, ephemeral: bool) -> Offer {
+        let len = frame.len();
+        let queued = self.queued.load(Ordering::Relaxed);
+        let half_full =
+            queued * 2 >= self.max_bytes || self.tx.capacity() * 2 <= self.tx.max_capacity();
+        if ephemeral && half_full {
+            return Offer::Dropped;
+        }
+        if queued > 0 && queued + len > self.max_bytes {
+            return if ephemeral {
+                Offer::Dropped
+            } else {
+                Offer::Full
+            };
+        }
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        match self.tx.try_send(frame) {
+            Ok(()) => Offer::Queued,
+            Err(e) => {
+                self.queued.fetch_sub(len, Ordering::Relaxed);
+                match e {
+                    mpsc::error::TrySendError::Full(_) if ephemeral => Offer::Dropped,
+                    mpsc::error::TrySendError::Full(_) => Offer::Full,
+                    mpsc::error::TrySendError::Closed(_) => Offer::Closed,
+                }
+            }
+        }
+    }
+}
+
 /// One local session in one channel.
 #[derive(Clone, Debug)]
 pub struct Member {
@@ -31,7 +119,7 @@ pub struct Member {
     /// Presence key of the connection, unique across replicas.
     pub conn_key: String,
     /// The session's outbound queue of serialized frames.
-    pub tx: mpsc::Sender<Bytes>,
+    pub outlet: Outlet,
     /// Cancelled when the session must close because it reads too slowly.
     pub kick: CancellationToken,
 }
@@ -117,24 +205,20 @@ impl Hub {
     }
 
     fn offer(&self, member: &Member, frame: Bytes, ephemeral: bool) {
-        if ephemeral && member.tx.capacity() * 2 <= member.tx.max_capacity() {
-            self.stats.dropped_ephemeral.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        match member.tx.try_send(frame) {
-            Ok(()) => {
+        match member.outlet.offer(frame, ephemeral) {
+            Offer::Queued => {
                 self.stats.delivered.fetch_add(1, Ordering::Relaxed);
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if ephemeral {
-                    self.stats.dropped_ephemeral.fetch_add(1, Ordering::Relaxed);
-                } else if !member.kick.is_cancelled() {
+            Offer::Dropped => {
+                self.stats.dropped_ephemeral.fetch_add(1, Ordering::Relaxed);
+            }
+            Offer::Full => {
+                if !member.kick.is_cancelled() {
                     self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
                     member.kick.cancel();
                 }
             }
-            // The session is already leaving.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Offer::Closed => {}
         }
     }
 }
@@ -190,13 +274,17 @@ mod tests {
     use crate::chat::event::{Origin, ServerFrame};
     use crate::chat::model::Timestamp;
 
-    fn member(conn: u64, queue: usize) -> (Member, mpsc::Receiver<Bytes>) {
-        let (tx, rx) = mpsc::channel(queue);
+    fn member(conn: u64, queue: usize) -> (Member, Outbox) {
+        member_with_budget(conn, queue, usize::MAX / 4)
+    }
+
+    fn member_with_budget(conn: u64, queue: usize, bytes: usize) -> (Member, Outbox) {
+        let (outlet, rx) = outbox(queue, bytes);
         let member = Member {
             conn,
             username: Username::parse(&format!("u{conn}")).unwrap(),
             conn_key: format!("r-{conn}"),
-            tx,
+            outlet,
             kick: CancellationToken::new(),
         };
         (member, rx)
@@ -237,8 +325,8 @@ mod tests {
             "c",
             &Envelope::encode(&typing(), origin(), Echo::Others, None, true),
         );
-        assert!(rx_a.try_recv().is_err(), "origin excluded");
-        assert!(rx_b.try_recv().is_ok());
+        assert!(rx_a.try_recv().is_none(), "origin excluded");
+        assert!(rx_b.try_recv().is_some());
 
         hub.deliver(
             "c",
@@ -258,7 +346,7 @@ mod tests {
             "c",
             &Envelope::encode(&typing(), foreign, Echo::Others, None, true),
         );
-        assert!(rx_a.try_recv().is_ok());
+        assert!(rx_a.try_recv().is_some());
     }
 
     #[test]
@@ -274,11 +362,11 @@ mod tests {
 
         hub.deliver("c", &msg);
         hub.deliver("c", &msg);
-        while rx_fast.try_recv().is_ok() {}
+        while rx_fast.try_recv().is_some() {}
         // Slow queue half full: typing dropped for it, delivered to the fast one.
         hub.deliver("c", &typ);
         assert_eq!(hub.stats.dropped_ephemeral.load(Ordering::Relaxed), 1);
-        assert!(rx_fast.try_recv().is_ok());
+        assert!(rx_fast.try_recv().is_some());
         assert!(!kick.is_cancelled());
         hub.deliver("c", &msg);
         hub.deliver("c", &msg);
@@ -286,7 +374,38 @@ mod tests {
         hub.deliver("c", &msg);
         assert!(kick.is_cancelled(), "full queue kicks the slow reader");
         assert_eq!(hub.stats.slow_consumers.load(Ordering::Relaxed), 1);
-        assert_eq!(rx_fast.len(), 3, "the fast reader got every message");
+        let mut got = 0;
+        while rx_fast.try_recv().is_some() {
+            got += 1;
+        }
+        assert_eq!(got, 3, "the fast reader got every message");
+    }
+
+    #[test]
+    fn the_byte_budget_bounds_large_frames() {
+        let hub = Hub::new("r");
+        let msg = Envelope::encode(&deleted(), None, Echo::All, None, false);
+        let frame_len = Envelope::decode(&msg).unwrap().frame.get().len();
+        // Room for two frames by bytes, though the channel takes a hundred.
+        let (slow, mut rx) = member_with_budget(1, 100, frame_len * 2 + 1);
+        let kick = slow.kick.clone();
+        hub.add("c", slow);
+        hub.deliver("c", &msg);
+        hub.deliver("c", &msg);
+        assert!(!kick.is_cancelled());
+        hub.deliver("c", &msg);
+        assert!(kick.is_cancelled(), "over the byte budget");
+        // Reading frees the budget.
+        assert!(rx.try_recv().is_some());
+        assert!(rx.try_recv().is_some());
+        assert!(rx.try_recv().is_none());
+        let (big_ok, mut rx2) = member_with_budget(2, 100, 1);
+        hub.add("d", big_ok);
+        hub.deliver("d", &msg);
+        assert!(
+            rx2.try_recv().is_some(),
+            "one frame over the budget passes an empty queue"
+        );
     }
 
     #[test]

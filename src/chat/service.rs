@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -20,7 +18,7 @@ use super::model::{
     ChannelName, ChatMessage, MessageId, MessageType, Timestamp, Username, ValidationError,
 };
 use crate::bus::Bus;
-use crate::bus::hub::{Hub, Member};
+use crate::bus::hub::{Hub, Member, Outbox, outbox};
 use crate::store::{PresenceMember, Store, StoreError};
 
 /// Why a chat operation failed. Maps to a REST status and a WebSocket error code.
@@ -58,6 +56,8 @@ pub struct ChatLimits {
     pub max_media_bytes: usize,
     /// Frames that may wait for one session.
     pub outbound_queue: usize,
+    /// Bytes of frames that may wait for one session.
+    pub outbound_queue_bytes: usize,
     /// How often this replica refreshes its connections' presence.
     pub presence_refresh: Duration,
 }
@@ -151,7 +151,7 @@ pub struct Connection {
     pub channel: ChannelName,
     conn_key: String,
     /// Frames for this session, filled by the hub.
-    pub outbound: mpsc::Receiver<Bytes>,
+    pub outbound: Outbox,
     /// Cancelled when the hub finds this session too slow.
     pub kick: CancellationToken,
     typing: bool,
@@ -324,7 +324,8 @@ impl ChatService {
         channel: ChannelName,
     ) -> Result<Connection, ChatError> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (tx, outbound) = mpsc::channel(self.limits.outbound_queue);
+        let (outlet, outbound) =
+            outbox(self.limits.outbound_queue, self.limits.outbound_queue_bytes);
         let kick = CancellationToken::new();
         let conn_key = format!("{}-{conn}", self.hub.replica());
         self.hub.add(
@@ -333,7 +334,7 @@ impl ChatService {
                 conn,
                 username: username.clone(),
                 conn_key: conn_key.clone(),
-                tx,
+                outlet,
                 kick: kick.clone(),
             },
         );
@@ -555,6 +556,7 @@ mod tests {
             max_text_bytes: 8,
             max_media_bytes: 64,
             outbound_queue: 16,
+            outbound_queue_bytes: 1 << 20,
             presence_refresh: Duration::from_secs(20),
         }
     }

@@ -40,6 +40,8 @@ pub struct SessionSettings {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
     pub write_timeout: Duration,
+    /// Longest time a frame waits in the write buffer for others to share its write.
+    pub write_delay: Duration,
     /// Sessions close at a random moment within this window after shutdown starts.
     pub drain_window: Duration,
 }
@@ -68,10 +70,16 @@ pub async fn run<S>(
     let drain = tokio::time::sleep(Duration::MAX / 4);
     tokio::pin!(drain);
     let mut draining = false;
+    // The first frame of a batch waits here at most `write_delay`, so frames arriving close
+    // together leave in one write.
+    let flush = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(flush);
+    let mut held: Option<bytes::Bytes> = None;
 
     loop {
+        // Not biased: inbound frames, outbound frames and timers get fair turns, so a
+        // busy channel cannot starve a client's own sends (or the other way round).
         let step = tokio::select! {
-            biased;
             () = conn.kick.cancelled() => {
                 close(&mut sink, close_code::TRY_AGAIN_LATER, "too slow: read your messages faster", &settings).await;
                 Step::Stop
@@ -86,8 +94,23 @@ pub async fn run<S>(
                 close(&mut sink, close_code::GOING_AWAY, "server shutting down, reconnect", &settings).await;
                 Step::Stop
             }
-            frame = conn.outbound.recv() => match frame {
-                Some(first) => write_batch(&mut sink, &mut conn, first, &settings).await,
+            () = &mut flush, if held.is_some() => {
+                match held.take() {
+                    Some(first) => write_batch(&mut sink, &mut conn, first, &settings).await,
+                    None => Step::Continue,
+                }
+            }
+            // While a frame is held, the queue is not polled: frames arriving meanwhile do
+            // not wake this task, and all leave together when the delay ends.
+            frame = conn.outbound.recv(), if held.is_none() => match frame {
+                Some(first) if settings.write_delay.is_zero() => {
+                    write_batch(&mut sink, &mut conn, first, &settings).await
+                }
+                Some(first) => {
+                    held = Some(first);
+                    flush.as_mut().reset(Instant::now() + settings.write_delay);
+                    Step::Continue
+                }
                 None => Step::Stop,
             },
             inbound = stream.next() => {
@@ -189,6 +212,8 @@ where
     send_frame(sink, &frame.for_client(client_id), settings).await
 }
 
+/// Writes `first` and whatever else is queued (up to [`WRITE_BATCH`] frames), then
+/// flushes: the frames leave in as few writes as the write buffer allows.
 async fn write_batch<S>(
     sink: &mut S,
     conn: &mut Connection,
@@ -202,8 +227,8 @@ where
         sink.feed(text_message(first)).await?;
         for _ in 1..WRITE_BATCH {
             match conn.outbound.try_recv() {
-                Ok(frame) => sink.feed(text_message(frame)).await?,
-                Err(_) => break,
+                Some(frame) => sink.feed(text_message(frame)).await?,
+                None => break,
             }
         }
         sink.flush().await
