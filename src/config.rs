@@ -41,6 +41,9 @@ pub struct Config {
     /// The environment whose file was layered in (`development`, `production`, ...).
     #[serde(skip)]
     pub environment: String,
+    /// Things worth telling the operator that do not stop startup (logged by `main`).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -195,6 +198,7 @@ impl Config {
     /// invalid setting found.
     pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
+        let mut warnings = Vec::new();
         let schema: Table = DEFAULT_TOML
             .parse()
             .expect("config/default.toml is valid TOML");
@@ -246,7 +250,14 @@ impl Config {
             let Some(path) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            if path == "ENVIRONMENT" || path == "CONFIG_DIR" || is_service_link(path) {
+            if path == "ENVIRONMENT" || path == "CONFIG_DIR" {
+                continue;
+            }
+            if is_service_link(path) {
+                warnings.push(format!(
+                    "ignoring {name}: it looks like a Kubernetes service link, not a \
+                     configuration variable (those are {ENV_PREFIX}<SECTION>__<KEY>)"
+                ));
                 continue;
             }
             let Some((section, key)) = path.split_once("__") else {
@@ -276,6 +287,7 @@ impl Config {
             Ok(mut config) => {
                 config.dev = overrides.dev;
                 config.environment = environment;
+                config.warnings = warnings;
                 Some(config)
             }
             Err(e) => {
@@ -506,10 +518,25 @@ fn apply_seed_vars(vars: &[(String, String)], merged: &mut Table, problems: &mut
     }
 }
 
-/// Variables Kubernetes injects for a Service named `chatgate` (`CHATGATE_PORT`,
-/// `CHATGATE_PORT_8000_TCP_ADDR`, `CHATGATE_SERVICE_HOST`, ...): not configuration.
+/// Variables Kubernetes injects for Services whose names start with `chatgate`
+/// (`CHATGATE_PORT`, `CHATGATE_PORT_8000_TCP_ADDR`, `CHATGATE_SERVICE_HOST`,
+/// `CHATGATE_ADMIN_SERVICE_PORT_HTTP`, ...): not configuration. `path` is the part after
+/// `CHATGATE_`; configuration variables always contain `__`, these never do.
 fn is_service_link(path: &str) -> bool {
-    path == "PORT" || path.starts_with("PORT_") || path.starts_with("SERVICE_")
+    if path.contains("__") {
+        return false;
+    }
+    let words: Vec<&str> = path.split('_').collect();
+    words
+        .windows(2)
+        .any(|w| w == ["SERVICE", "HOST"] || w == ["SERVICE", "PORT"])
+        || words.last() == Some(&"PORT")
+        || words.windows(3).any(|w| {
+            w[0] == "PORT"
+                && !w[1].is_empty()
+                && w[1].bytes().all(|b| b.is_ascii_digit())
+                && matches!(w[2], "TCP" | "UDP" | "SCTP")
+        })
 }
 
 fn schema_value<'a>(schema: &'a Table, section: &str, key: &str) -> Option<&'a Value> {
@@ -685,11 +712,19 @@ mod tests {
             ("CHATGATE_PORT", "tcp://10.0.0.5:8000"),
             ("CHATGATE_PORT_8000_TCP_ADDR", "10.0.0.5"),
             ("CHATGATE_SERVICE_HOST", "10.0.0.5"),
+            ("CHATGATE_ADMIN_SERVICE_HOST", "10.0.0.6"),
+            ("CHATGATE_ADMIN_SERVICE_PORT_METRICS", "9090"),
+            ("CHATGATE_ADMIN_PORT", "tcp://10.0.0.6:9090"),
+            ("CHATGATE_ADMIN_PORT_9090_TCP_PROTO", "tcp"),
             ("REDIS_PORT", "tcp://10.0.0.7:6379"),
         ]))
         .unwrap();
         assert!(config.redis.url.is_empty(), "{}", config.redis.url);
         assert_eq!(config.server.port, 8000);
+        assert_eq!(config.warnings.len(), 7, "{:?}", config.warnings);
+        // A mistyped configuration variable is still an error.
+        let err = Config::load(&vars(&[("CHATGATE_SERVERPORT", "1")])).unwrap_err();
+        assert!(err.to_string().contains("CHATGATE_SERVERPORT"), "{err}");
     }
 
     #[test]

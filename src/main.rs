@@ -94,6 +94,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     chatgate::telemetry::init(config.log.format);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     if config.dev {
         tracing::warn!(
             "DEVELOPMENT MODE: authentication is OFF, CORS allows any origin, anyone can post \

@@ -73,15 +73,27 @@ impl Keys {
 const NOW_MS: &str = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
 /// KEYS: history, channels. ARGV: entry, cap, ttl secs, channel name, bus channel, event.
+/// ARGV[7] is `1` when this replica has not refreshed the channel's TTL and registry entry
+/// for a while; a new list (length 1) is always refreshed, so no history key is ever left
+/// without its TTL.
 const APPEND: &str = r"
-redis.call('LPUSH', KEYS[1], ARGV[1])
+local len = redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[2], t[1], ARGV[4])
+if ARGV[7] == '1' or len == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], t[1], ARGV[4])
+end
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 ";
+
+/// How often one replica refreshes a busy channel's history TTL and registry entry. Doing
+/// it on every message cost about a third of the append script's time in Redis; a TTL of
+/// days lags by at most this much.
+const TOUCH_EVERY: Duration = Duration::from_secs(30);
+/// Channels remembered as recently touched before old entries are pruned.
+const TOUCH_MEMORY: usize = 10_000;
 
 /// KEYS: history, channels. ARGV: message id, bus channel, event, channel name.
 /// The id is checked by the caller to hold no quote, so the needle cannot be forged by
@@ -213,6 +225,8 @@ pub struct RedisStore {
     keys: Keys,
     settings: StoreSettings,
     scripts: Scripts,
+    /// Channel → when this replica last refreshed its TTL and registry entry.
+    touched: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -258,7 +272,24 @@ impl RedisStore {
             keys,
             settings,
             scripts: Scripts::new(),
+            touched: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Whether this append should refresh the channel's TTL and registry entry.
+    fn needs_touch(&self, channel: &ChannelName) -> bool {
+        let now = std::time::Instant::now();
+        let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = touched.get(channel.as_str())
+            && now.duration_since(*at) < TOUCH_EVERY
+        {
+            return false;
+        }
+        if touched.len() >= TOUCH_MEMORY {
+            touched.retain(|_, at| now.duration_since(*at) < TOUCH_EVERY);
+        }
+        touched.insert(channel.to_string(), now);
+        true
     }
 }
 
@@ -276,6 +307,7 @@ impl Store for RedisStore {
             .arg(channel.as_str())
             .arg(self.keys.events(channel.as_str()))
             .arg(event)
+            .arg(if self.needs_touch(channel) { "1" } else { "0" })
             .invoke_async::<i64>(&mut conn)
             .await
             .map(drop)
