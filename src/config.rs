@@ -361,8 +361,9 @@ impl Config {
             "ws.outbound_queue must be at least 4",
         );
         check(
-            self.ws.outbound_queue_bytes >= 4096,
-            "ws.outbound_queue_bytes must be at least 4096",
+            self.ws.outbound_queue_bytes >= 2 * self.ws.max_message_bytes,
+            "ws.outbound_queue_bytes must be at least twice ws.max_message_bytes (so one \
+             large frame behind others does not evict a reader that keeps up)",
         );
         check(
             self.ws.ping_interval_secs >= 1 && self.ws.pong_timeout_secs >= 1,
@@ -584,8 +585,8 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    // The user info ends at the last '@' (a password may hold '/' or '@').
+    match rest.rfind('@') {
         Some(at) => {
             let userinfo = &rest[..at];
             let user = userinfo.split_once(':').map(|(u, _)| u).unwrap_or("");
@@ -755,6 +756,7 @@ mod tests {
             "redis://user:***@cache/1"
         );
         assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
+        assert_eq!(redact_url("redis://:pa/s@s@h:1/0"), "redis://***@h:1/0");
         let config = Config::load(&vars(&[("REDIS_URL", "redis://:pw@h:1/0")])).unwrap();
         assert!(!format!("{config:?}").contains("pw@"));
     }

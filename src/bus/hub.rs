@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Deliver;
-use crate::chat::event::{Echo, Envelope, with_client_id};
+use crate::chat::event::{Echo, Envelope, ServerFrame, with_client_id};
 use crate::chat::model::Username;
 
 /// The sending side of a session's queue, bounded twice: by frames (the channel) and by
@@ -193,6 +193,12 @@ impl Hub {
             .collect()
     }
 
+    /// Whether connection `conn` is still a local member of `channel`.
+    pub fn contains(&self, channel: &str, conn: u64) -> bool {
+        self.members(channel)
+            .is_some_and(|members| members.iter().any(|m| m.conn == conn))
+    }
+
     /// Local sessions, all channels together.
     pub fn session_count(&self) -> usize {
         let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
@@ -266,12 +272,28 @@ impl Deliver for Hub {
         let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
         channels.keys().cloned().collect()
     }
+
+    fn resync(&self) {
+        let frame = Bytes::from(
+            ServerFrame::error(
+                "events_missed",
+                "the server lost its event feed for a moment and may have missed events: \
+                 re-read the channel history to catch up",
+            )
+            .to_json(),
+        );
+        for (_, members) in self.snapshot() {
+            for member in members.iter() {
+                self.offer(member, frame.clone(), false);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::event::{Origin, ServerFrame};
+    use crate::chat::event::Origin;
     use crate::chat::model::Timestamp;
 
     fn member(conn: u64, queue: usize) -> (Member, Outbox) {

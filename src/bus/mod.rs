@@ -20,6 +20,9 @@ pub trait Deliver: Send + Sync + 'static {
     fn has_members(&self, channel: &str) -> bool;
     /// Every channel with local members (re-subscribed after a reconnect).
     fn channels(&self) -> Vec<String>;
+    /// The bus was disconnected and is back: events published meanwhile were not
+    /// received, so local sessions are told to re-read what they may have missed.
+    fn resync(&self);
 }
 
 /// The bus could not confirm a subscription in time.

@@ -211,6 +211,7 @@ impl Subscriber {
         self.ready.store(true, Ordering::Release);
         if *connected_before {
             self.reconnects.fetch_add(1, Ordering::Relaxed);
+            self.sink.resync();
             tracing::info!(
                 channels = self.wanted.len(),
                 "bus subscriber reconnected and resubscribed"
@@ -224,17 +225,11 @@ impl Subscriber {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
         loop {
+            // Commands and the liveness ping come before the message stream: under heavy
+            // traffic the stream is always ready and would otherwise starve joins.
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Exit::Shutdown,
-                msg = stream.next() => {
-                    let Some(msg) = msg else {
-                        return Exit::Disconnected("connection closed".into());
-                    };
-                    if let Some(channel) = self.keys.channel_of_events(msg.get_channel_name()) {
-                        self.sink.deliver(channel, msg.get_payload_bytes());
-                    }
-                }
                 cmd = rx.recv() => match cmd {
                     None => return Exit::Shutdown,
                     Some(Command::Subscribe(channel, ack)) => {
@@ -271,6 +266,14 @@ impl Subscriber {
                     let pong = timeout(self.timeouts.command, sink.ping::<redis::Value>()).await;
                     if let failed @ (Ok(Err(_)) | Err(_)) = pong {
                         return Exit::Disconnected(describe(failed.map(|r| r.map(drop))));
+                    }
+                }
+                msg = stream.next() => {
+                    let Some(msg) = msg else {
+                        return Exit::Disconnected("connection closed".into());
+                    };
+                    if let Some(channel) = self.keys.channel_of_events(msg.get_channel_name()) {
+                        self.sink.deliver(channel, msg.get_payload_bytes());
                     }
                 }
             }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -131,6 +132,9 @@ pub struct OnlineUser {
     pub status: &'static str,
     pub last_seen: Timestamp,
 }
+
+/// Channels whose presence is refreshed at the same time (one Redis call each).
+const REFRESH_CONCURRENCY: usize = 16;
 
 pub struct ChatService {
     store: Arc<dyn Store>,
@@ -431,6 +435,53 @@ impl ChatService {
         Ok(())
     }
 
+    /// Refreshes one channel's local connections, and re-joins those the store no longer
+    /// has but that are still connected here (Redis restarted and lost them, or they
+    /// expired while Redis was unreachable). Connections that left are not brought back.
+    async fn refresh_channel(&self, channel: &str, members: &[Member]) {
+        let Ok(channel) = ChannelName::parse(channel) else {
+            return;
+        };
+        let entries: Vec<PresenceMember> = members
+            .iter()
+            .map(|m| PresenceMember {
+                username: m.username.clone(),
+                conn_key: m.conn_key.clone(),
+            })
+            .collect();
+        let missing = match self.store.refresh(&channel, &entries).await {
+            Ok(missing) => missing,
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "presence refresh failed");
+                return;
+            }
+        };
+        for member in missing.into_iter().filter_map(|i| members.get(i)) {
+            if !self.hub.contains(channel.as_str(), member.conn) {
+                continue;
+            }
+            let joined = ServerFrame::UserJoined {
+                username: member.username.to_string(),
+                channel: channel.to_string(),
+                timestamp: Timestamp::now(),
+            };
+            let event = Envelope::encode(
+                &joined,
+                Some(self.origin(member.conn)),
+                Echo::Others,
+                None,
+                false,
+            );
+            if let Err(e) = self
+                .store
+                .join(&channel, &member.username, &member.conn_key, &event)
+                .await
+            {
+                tracing::warn!(%channel, error = %e, "presence re-join failed");
+            }
+        }
+    }
+
     /// Refreshes the presence of every local connection, channel by channel, until
     /// `shutdown`. A replica that dies stops refreshing, so its users vanish within the
     /// presence TTL.
@@ -443,21 +494,12 @@ impl ChatService {
                 () = shutdown.cancelled() => return,
                 _ = every.tick() => {}
             }
-            for (channel, members) in self.hub.snapshot() {
-                let Ok(channel) = ChannelName::parse(&channel) else {
-                    continue;
-                };
-                let members: Vec<PresenceMember> = members
-                    .iter()
-                    .map(|m| PresenceMember {
-                        username: m.username.clone(),
-                        conn_key: m.conn_key.clone(),
-                    })
-                    .collect();
-                if let Err(e) = self.store.refresh(&channel, &members).await {
-                    tracing::warn!(%channel, error = %e, "presence refresh failed");
-                }
-            }
+            let service = &self;
+            futures_util::stream::iter(self.hub.snapshot())
+                .for_each_concurrent(REFRESH_CONCURRENCY, |(channel, members)| async move {
+                    service.refresh_channel(&channel, &members).await;
+                })
+                .await;
         }
     }
 }

@@ -103,11 +103,13 @@ impl Store for MemoryStore {
         let Some((list, _)) = inner.history.get_mut(channel.as_str()) else {
             return Ok(false);
         };
+        let needle = format!("\"{id}\"");
         let position = list.iter().position(|entry| {
-            serde_json::from_str::<serde_json::Value>(entry)
-                .ok()
-                .and_then(|v| v.get("message_id")?.as_str().map(|s| s == id.as_str()))
-                .unwrap_or(false)
+            entry.contains(&needle)
+                && serde_json::from_str::<serde_json::Value>(entry)
+                    .ok()
+                    .and_then(|v| v.get("message_id")?.as_str().map(|s| s == id.as_str()))
+                    .unwrap_or(false)
         });
         let Some(position) = position else {
             return Ok(false);
@@ -181,17 +183,26 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
-    async fn refresh(&self, channel: &ChannelName, members: &[PresenceMember]) -> StoreResult<()> {
+    async fn refresh(
+        &self,
+        channel: &ChannelName,
+        members: &[PresenceMember],
+    ) -> StoreResult<Vec<usize>> {
         let deadline = now_ms() + self.settings.presence_ttl_ms;
         let mut inner = self.lock();
-        let users = inner.presence.entry(channel.to_string()).or_default();
-        for member in members {
-            users
-                .entry(member.username.to_string())
-                .or_default()
-                .insert(member.conn_key.clone(), deadline);
+        let mut missing = Vec::new();
+        let mut users = inner.presence.get_mut(channel.as_str());
+        for (i, member) in members.iter().enumerate() {
+            let slot = users
+                .as_mut()
+                .and_then(|u| u.get_mut(member.username.as_str()))
+                .and_then(|conns| conns.get_mut(&member.conn_key));
+            match slot {
+                Some(d) => *d = deadline,
+                None => missing.push(i),
+            }
         }
-        Ok(())
+        Ok(missing)
     }
 
     async fn online(&self, channel: &ChannelName) -> StoreResult<Vec<PresenceEntry>> {

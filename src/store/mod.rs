@@ -93,8 +93,14 @@ pub trait Store: Send + Sync + 'static {
         event: &[u8],
     ) -> StoreResult<bool>;
 
-    /// Extends the deadline of these live connections (re-adding them if Redis lost them).
-    async fn refresh(&self, channel: &ChannelName, members: &[PresenceMember]) -> StoreResult<()>;
+    /// Extends the deadline of these connections where they are still present, and returns
+    /// the positions (in `members`) of those that are not: left meanwhile, expired and
+    /// purged, or lost with a Redis restart. A connection that left is never brought back.
+    async fn refresh(
+        &self,
+        channel: &ChannelName,
+        members: &[PresenceMember],
+    ) -> StoreResult<Vec<usize>>;
 
     /// Users with at least one live connection, sorted by name.
     async fn online(&self, channel: &ChannelName) -> StoreResult<Vec<PresenceEntry>>;

@@ -96,12 +96,17 @@ const TOUCH_EVERY: Duration = Duration::from_secs(30);
 const TOUCH_MEMORY: usize = 10_000;
 
 /// KEYS: history, channels. ARGV: message id, bus channel, event, channel name.
-/// The id is checked by the caller to hold no quote, so the needle cannot be forged by
-/// content (quotes inside content are escaped in the stored JSON); a decode confirms it.
+/// Scans newest first, a page at a time (entries can be large), for entries holding the
+/// quoted id (so compact and spaced JSON, ours and the original's, both match); a decode
+/// confirms the match. The id is checked by the caller to be letters, digits and `-`.
 const DELETE: &str = r#"
-local needle = '"message_id":"' .. ARGV[1] .. '"'
-local items = redis.call('LRANGE', KEYS[1], 0, -1)
-for _, item in ipairs(items) do
+local needle = '"' .. ARGV[1] .. '"'
+local len = redis.call('LLEN', KEYS[1])
+local start = 0
+while start < len do
+ local items = redis.call('LRANGE', KEYS[1], start, start + 49)
+ start = start + 50
+ for _, item in ipairs(items) do
   if string.find(item, needle, 1, true) then
     local ok, decoded = pcall(cjson.decode, item)
     if ok and type(decoded) == 'table' and decoded['message_id'] == ARGV[1] then
@@ -113,6 +118,7 @@ for _, item in ipairs(items) do
       return 1
     end
   end
+ end
 end
 return 0
 "#;
@@ -160,18 +166,25 @@ return 1
 
 /// KEYS: channel's users, then one connections key per member.
 /// ARGV: ttl ms, then user and conn key per member.
+/// Only connections still present are extended (one that left meanwhile must not come
+/// back); the 0-based positions of the missing ones are returned.
 const REFRESH: &str = r"
 local ttl = tonumber(ARGV[1])
 local deadline = now + ttl
+local missing = {}
 for i = 2, #KEYS do
   local user = ARGV[2 * i - 2]
   local conn = ARGV[2 * i - 1]
-  redis.call('ZADD', KEYS[i], deadline, conn)
-  redis.call('PEXPIRE', KEYS[i], ttl * 2)
-  redis.call('ZADD', KEYS[1], 'GT', deadline, user)
+  if redis.call('ZSCORE', KEYS[i], conn) then
+    redis.call('ZADD', KEYS[i], deadline, conn)
+    redis.call('PEXPIRE', KEYS[i], ttl * 2)
+    redis.call('ZADD', KEYS[1], 'GT', deadline, user)
+  else
+    missing[#missing + 1] = i - 2
+  end
 end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
-return 1
+return missing
 ";
 
 /// KEYS: channel's users. Returns live users with their deadlines.
@@ -278,24 +291,27 @@ impl RedisStore {
 
     /// Whether this append should refresh the channel's TTL and registry entry.
     fn needs_touch(&self, channel: &ChannelName) -> bool {
+        let touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        touched
+            .get(channel.as_str())
+            .is_none_or(|at| at.elapsed() >= TOUCH_EVERY)
+    }
+
+    /// Records a refresh that Redis confirmed.
+    fn touched(&self, channel: &ChannelName) {
         let now = std::time::Instant::now();
         let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(at) = touched.get(channel.as_str())
-            && now.duration_since(*at) < TOUCH_EVERY
-        {
-            return false;
-        }
         if touched.len() >= TOUCH_MEMORY {
             touched.retain(|_, at| now.duration_since(*at) < TOUCH_EVERY);
         }
         touched.insert(channel.to_string(), now);
-        true
     }
 }
 
 #[async_trait]
 impl Store for RedisStore {
     async fn append(&self, channel: &ChannelName, entry: &str, event: &[u8]) -> StoreResult<()> {
+        let touch = self.needs_touch(channel);
         let mut conn = self.conn.clone();
         self.scripts
             .append
@@ -307,11 +323,14 @@ impl Store for RedisStore {
             .arg(channel.as_str())
             .arg(self.keys.events(channel.as_str()))
             .arg(event)
-            .arg(if self.needs_touch(channel) { "1" } else { "0" })
+            .arg(if touch { "1" } else { "0" })
             .invoke_async::<i64>(&mut conn)
             .await
-            .map(drop)
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        if touch {
+            self.touched(channel);
+        }
+        Ok(())
     }
 
     async fn history(&self, channel: &ChannelName, limit: usize) -> StoreResult<Vec<String>> {
@@ -405,8 +424,13 @@ impl Store for RedisStore {
             .map_err(unavailable)
     }
 
-    async fn refresh(&self, channel: &ChannelName, members: &[PresenceMember]) -> StoreResult<()> {
-        for batch in members.chunks(REFRESH_BATCH) {
+    async fn refresh(
+        &self,
+        channel: &ChannelName,
+        members: &[PresenceMember],
+    ) -> StoreResult<Vec<usize>> {
+        let mut missing = Vec::new();
+        for (batch_no, batch) in members.chunks(REFRESH_BATCH).enumerate() {
             let mut invocation = self.scripts.refresh.prepare_invoke();
             invocation.key(self.keys.presence_users(channel));
             invocation.arg(self.settings.presence_ttl_ms);
@@ -416,12 +440,13 @@ impl Store for RedisStore {
                 invocation.arg(member.conn_key.as_str());
             }
             let mut conn = self.conn.clone();
-            invocation
-                .invoke_async::<i64>(&mut conn)
+            let lost: Vec<usize> = invocation
+                .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
+            missing.extend(lost.into_iter().map(|i| batch_no * REFRESH_BATCH + i));
         }
-        Ok(())
+        Ok(missing)
     }
 
     async fn online(&self, channel: &ChannelName) -> StoreResult<Vec<PresenceEntry>> {

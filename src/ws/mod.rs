@@ -32,7 +32,16 @@ pub async fn connect_chat(
     if state.shutdown.is_cancelled() {
         return Err(ApiError::ShuttingDown);
     }
-    let connection = state.chat.connect(username, channel).await?;
+    // The join runs as its own task: if the client gives up (or the request times out)
+    // while it waits on Redis, this handler is dropped but the join still completes, and
+    // dropping the unused connection then undoes it. Cancelling the join half-way could
+    // leave a member and presence behind.
+    let chat = state.chat.clone();
+    let connection = state
+        .sessions
+        .spawn(async move { chat.connect(username, channel).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("join task failed: {e}")))??;
     let ws_config = &state.config.ws;
     let settings = state.session.clone();
     let shutdown = state.shutdown.clone();

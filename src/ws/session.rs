@@ -91,6 +91,11 @@ pub async fn run<S>(
                 Step::Continue
             }
             () = &mut drain, if draining => {
+                // Frames already queued (acks among them) leave before the close.
+                let pending = held.take().or_else(|| conn.outbound.try_recv());
+                if let Some(first) = pending {
+                    write_batch(&mut sink, &mut conn, first, &settings).await;
+                }
                 close(&mut sink, close_code::GOING_AWAY, "server shutting down, reconnect", &settings).await;
                 Step::Stop
             }

@@ -5,8 +5,12 @@ use crate::helpers::{RedisServer, TestApp, keys};
 #[tokio::test]
 async fn redis_down_gives_503_and_error_frames_then_recovers() {
     let mut redis = RedisServer::start().await;
-    let a = TestApp::spawn(Some(&redis), &[]).await;
-    let b = TestApp::spawn(Some(&redis), &[]).await;
+    let fast = [
+        ("CHATGATE_STORE__PRESENCE_TTL_SECS", "2"),
+        ("CHATGATE_STORE__PRESENCE_REFRESH_SECS", "1"),
+    ];
+    let a = TestApp::spawn(Some(&redis), &fast).await;
+    let b = TestApp::spawn(Some(&redis), &fast).await;
     let mut on_a = a.ws("amy", "general").await;
     let mut on_b = b.ws("bob", "general").await;
     assert_eq!(on_a.next().await["type"], "user_joined");
@@ -53,6 +57,19 @@ async fn redis_down_gives_503_and_error_frames_then_recovers() {
     redis.restart().await;
     a.wait_ready(200).await;
     b.wait_ready(200).await;
+    // Sessions are told that events may have been missed while the bus was down.
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.next_of("error").await["code"], "events_missed");
+    }
+    // The restarted Redis lost presence; the replicas put their live users back.
+    let deadline = tokio::time::Instant::now() + crate::helpers::WAIT;
+    while a.online("general").await != ["amy", "bob"] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "presence not restored"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     // Both subscribers are back: a message from A reaches B, and A gets its ack.
     on_a.say("after", "after").await;
     assert_eq!(on_a.next_of("message").await["client_id"], "after");

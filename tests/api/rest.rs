@@ -318,9 +318,23 @@ async fn original_history_stays_readable() {
         .query_async(&mut conn)
         .await
         .unwrap();
+    // The same with Python's default json.dumps spacing.
+    let spaced = r#"{"sender": "old", "content": "spaced", "channel": "legacy", "message_type": "text", "timestamp": "2025-11-23T15:14:19", "message_id": "6f1c2d3e-0000-4000-8000-000000000002"}"#;
+    let _: () = redis::cmd("LPUSH")
+        .arg("chat:legacy:messages")
+        .arg(spaced)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let app = TestApp::spawn(Some(&redis), &[]).await;
     let history = app.history("legacy").await;
-    assert_eq!(history.len(), 1, "unparseable entries are skipped");
+    assert_eq!(history.len(), 2, "unparseable entries are skipped");
+    let (status, _) = app
+        .delete("/api/chat/message/6f1c2d3e-0000-4000-8000-000000000002?channel=legacy")
+        .await;
+    assert_eq!(status, 200, "spaced entries can be deleted too");
+    let history = app.history("legacy").await;
+    assert_eq!(history.len(), 1);
     assert_eq!(history[0]["timestamp"], "2025-11-23T15:14:18.123456Z");
     let (status, _) = app
         .delete("/api/chat/message/6f1c2d3e-0000-4000-8000-000000000001?channel=legacy")

@@ -40,6 +40,8 @@ impl Deliver for Recorder {
     fn channels(&self) -> Vec<String> {
         Vec::new()
     }
+
+    fn resync(&self) {}
 }
 
 impl Recorder {
@@ -222,14 +224,32 @@ async fn conformance(store: Arc<dyn Store>, recorder: Arc<Recorder>) {
     );
     assert_eq!(names(store.online(&p).await.unwrap()), ["amy"]);
 
-    // Unrefreshed connections expire (a dead replica); refreshed ones stay; refresh re-adds.
+    // A refresh racing a leave never brings the connection back; it reports it missing.
+    let bob2 = PresenceMember {
+        username: user("bob"),
+        conn_key: "r-2".into(),
+    };
+    let amy3 = PresenceMember {
+        username: user("amy"),
+        conn_key: "r-3".into(),
+    };
+    assert_eq!(store.refresh(&p, &[amy3, bob2]).await.unwrap(), [1]);
+    assert_eq!(names(store.online(&p).await.unwrap()), ["amy"]);
+
+    // Unrefreshed connections expire (a dead replica); refreshed ones stay.
     let amy = PresenceMember {
         username: user("amy"),
         conn_key: "r-3".into(),
     };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(1200);
     while tokio::time::Instant::now() < deadline {
-        store.refresh(&p, std::slice::from_ref(&amy)).await.unwrap();
+        assert!(
+            store
+                .refresh(&p, std::slice::from_ref(&amy))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
