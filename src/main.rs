@@ -97,6 +97,7 @@ fn main() -> ExitCode {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    raise_fd_limit();
     if config.dev {
         tracing::warn!(
             "DEVELOPMENT MODE: authentication is OFF, CORS allows any origin, anyone can post \
@@ -128,4 +129,14 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Every WebSocket is a file descriptor, and many container runtimes start processes with
+/// a soft limit of 1024. Raise the soft limit to the hard limit, as Go programs do.
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
+    }
 }
