@@ -726,10 +726,9 @@ const IDLE: Role = Role {
     record_ids: false,
 };
 
-/// Figures one reader collected.
+/// Frame counts, per reader and summed over readers.
 #[derive(Debug, Default)]
-struct ReaderStats {
-    channel: usize,
+struct FrameCounts {
     frames: u64,
     messages: u64,
     deliveries: u64,
@@ -745,10 +744,50 @@ struct ReaderStats {
     /// Message frames without our `t=..;n=..` content, or with an unknown sequence.
     foreign: u64,
     errors: BTreeMap<String, u64>,
+}
+
+impl FrameCounts {
+    fn add(&mut self, o: &FrameCounts) {
+        self.frames += o.frames;
+        self.messages += o.messages;
+        self.deliveries += o.deliveries;
+        self.deliveries_in_window += o.deliveries_in_window;
+        self.acks += o.acks;
+        self.joined += o.joined;
+        self.left += o.left;
+        self.typing += o.typing;
+        self.deleted += o.deleted;
+        self.other += o.other;
+        self.malformed += o.malformed;
+        self.foreign += o.foreign;
+        for (code, n) in &o.errors {
+            *self.errors.entry(code.clone()).or_default() += n;
+        }
+    }
+}
+
+/// Figures one reader collected.
+#[derive(Debug, Default)]
+struct ReaderStats {
+    channel: usize,
+    counts: FrameCounts,
     /// Why the connection ended before we closed it.
     ended: Option<String>,
     /// Message ids of this connection's acks (for the history check).
     acked_ids: Vec<u128>,
+}
+
+impl std::ops::Deref for ReaderStats {
+    type Target = FrameCounts;
+    fn deref(&self) -> &FrameCounts {
+        &self.counts
+    }
+}
+
+impl std::ops::DerefMut for ReaderStats {
+    fn deref_mut(&mut self) -> &mut FrameCounts {
+        &mut self.counts
+    }
 }
 
 type Ws = WebSocketStream<TcpStream>;
@@ -1650,42 +1689,23 @@ fn planned_messages(rate: f64, common: &Common) -> Result<u64, String> {
 /// Reader figures summed over connections.
 #[derive(Debug, Default)]
 struct Totals {
-    frames: u64,
-    messages: u64,
-    deliveries: u64,
-    deliveries_in_window: u64,
-    acks: u64,
-    joined: u64,
-    left: u64,
-    typing: u64,
-    deleted: u64,
-    other: u64,
-    malformed: u64,
-    foreign: u64,
-    errors: BTreeMap<String, u64>,
+    counts: FrameCounts,
     ended: BTreeMap<String, u64>,
     ended_early: u64,
+}
+
+impl std::ops::Deref for Totals {
+    type Target = FrameCounts;
+    fn deref(&self) -> &FrameCounts {
+        &self.counts
+    }
 }
 
 impl Totals {
     fn of(stats: &[ReaderStats]) -> Self {
         let mut t = Totals::default();
         for s in stats {
-            t.frames += s.frames;
-            t.messages += s.messages;
-            t.deliveries += s.deliveries;
-            t.deliveries_in_window += s.deliveries_in_window;
-            t.acks += s.acks;
-            t.joined += s.joined;
-            t.left += s.left;
-            t.typing += s.typing;
-            t.deleted += s.deleted;
-            t.other += s.other;
-            t.malformed += s.malformed;
-            t.foreign += s.foreign;
-            for (code, n) in &s.errors {
-                *t.errors.entry(code.clone()).or_default() += n;
-            }
+            t.counts.add(&s.counts);
             if let Some(reason) = &s.ended {
                 t.ended_early += 1;
                 *t.ended.entry(reason.clone()).or_default() += 1;
