@@ -42,7 +42,9 @@ async fn chat_round_trip(app: &TestApp) {
             "channel": "elsewhere", "message_type": "text", "client_id": "c-1"}),
         )
         .await;
-    let echo = alice.next().await;
+    // On Redis, alice may first see bob's own user_joined: it was published before she
+    // joined but reached this replica's subscriber after (see docs/protocol.md).
+    let echo = alice.next_of("message").await;
     assert_eq!(echo["type"], "message");
     assert_eq!(echo["client_id"], "c-1", "echo carries the client id");
     assert_eq!(
@@ -70,7 +72,7 @@ async fn chat_round_trip(app: &TestApp) {
     // No type at all still means a message (as in the original's documented client).
     bob.send_json(json!({"sender": "bob", "content": "typeless"}))
         .await;
-    assert_eq!(alice.next().await["content"], "typeless");
+    assert_eq!(alice.next_of("message").await["content"], "typeless");
     let bob_echo = bob.next_of("message").await;
     assert!(bob_echo.get("client_id").is_none());
 
@@ -89,7 +91,7 @@ async fn chat_round_trip(app: &TestApp) {
 
     // REST sends and deletes reach sockets.
     let data = app.send("carol", "general", "from rest").await;
-    assert_eq!(alice.next().await["message_id"], data["message_id"]);
+    assert_eq!(alice.next_of("message").await["message_id"], data["message_id"]);
     assert_eq!(bob.next().await["message_id"], data["message_id"]);
     let id = data["message_id"].as_str().unwrap();
     let (status, _) = app
@@ -103,7 +105,7 @@ async fn chat_round_trip(app: &TestApp) {
     );
     assert_eq!(deleted["type"], "message_deleted");
     assert_eq!(deleted["message_id"], id);
-    assert_eq!(alice.next().await["type"], "message_deleted");
+    assert_eq!(alice.next_of("message_deleted").await["type"], "message_deleted");
 }
 
 #[tokio::test]
@@ -255,7 +257,7 @@ async fn no_half_dead_sockets() {
     ];
     for (text, code) in cases {
         client.send_text(text).await;
-        let error = client.next().await;
+        let error = client.next_of("error").await;
         assert_eq!(keys(&error), ["code", "detail", "type"], "{text}");
         assert_eq!(
             (error["type"].as_str(), error["code"].as_str()),
@@ -267,7 +269,7 @@ async fn no_half_dead_sockets() {
     client
         .send_json(json!({"content": "x", "message_type": "video", "client_id": "c-9"}))
         .await;
-    let error = client.next().await;
+    let error = client.next_of("error").await;
     assert_eq!(
         (error["code"].as_str(), error["client_id"].as_str()),
         (Some("invalid_message_type"), Some("c-9"))
@@ -277,11 +279,11 @@ async fn no_half_dead_sockets() {
         .send(Message::Binary(vec![1, 2, 3].into()))
         .await
         .unwrap();
-    assert_eq!(client.next().await["code"], "unsupported_binary");
+    assert_eq!(client.next_of("error").await["code"], "unsupported_binary");
 
     // Still fully alive: a message goes through, and nobody was told the client left.
     client.say("still alive", "after-errors").await;
-    assert_eq!(client.next().await["client_id"], "after-errors");
+    assert_eq!(client.next_of("message").await["client_id"], "after-errors");
     assert_eq!(peer.next().await["content"], "still alive");
 
     // Oversize closes with 1009.
