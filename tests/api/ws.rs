@@ -91,7 +91,10 @@ async fn chat_round_trip(app: &TestApp) {
 
     // REST sends and deletes reach sockets.
     let data = app.send("carol", "general", "from rest").await;
-    assert_eq!(alice.next_of("message").await["message_id"], data["message_id"]);
+    assert_eq!(
+        alice.next_of("message").await["message_id"],
+        data["message_id"]
+    );
     assert_eq!(bob.next().await["message_id"], data["message_id"]);
     let id = data["message_id"].as_str().unwrap();
     let (status, _) = app
@@ -105,7 +108,10 @@ async fn chat_round_trip(app: &TestApp) {
     );
     assert_eq!(deleted["type"], "message_deleted");
     assert_eq!(deleted["message_id"], id);
-    assert_eq!(alice.next_of("message_deleted").await["type"], "message_deleted");
+    assert_eq!(
+        alice.next_of("message_deleted").await["type"],
+        "message_deleted"
+    );
 }
 
 #[tokio::test]
