@@ -11,7 +11,7 @@
 //! read lock and walks the list without holding any lock.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -122,6 +122,9 @@ pub struct Member {
     pub outlet: Outlet,
     /// Cancelled when the session must close because it reads too slowly.
     pub kick: CancellationToken,
+    /// Set when the member's join marker comes through the bus; events before it are
+    /// not delivered to this member (they were published before it joined).
+    pub live: Arc<AtomicBool>,
 }
 
 /// Counters of what the hub did, for benchmarks and metrics.
@@ -249,9 +252,18 @@ impl Deliver for Hub {
             .filter(|o| o.replica == self.replica)
             .map(|o| o.conn);
         for member in members.iter() {
-            if Some(member.conn) == origin_conn {
+            let is_origin = Some(member.conn) == origin_conn;
+            if !member.live.load(Ordering::Acquire) {
+                // Until its join marker arrives, everything in the stream was published
+                // before this member joined: not for it.
+                if is_origin && envelope.join {
+                    member.live.store(true, Ordering::Release);
+                }
+                continue;
+            }
+            if is_origin {
                 match (envelope.echo, envelope.client_id.as_deref()) {
-                    (Echo::Others, _) => continue,
+                    (Echo::Others | Echo::Nobody, _) => continue,
                     (Echo::All, Some(client_id)) => {
                         let echoed = with_client_id(envelope.frame.get(), client_id);
                         self.offer(member, Bytes::from(echoed), envelope.ephemeral);
@@ -259,6 +271,8 @@ impl Deliver for Hub {
                     }
                     (Echo::All, None) => {}
                 }
+            } else if envelope.echo == Echo::Nobody {
+                continue;
             }
             self.offer(member, frame.clone(), envelope.ephemeral);
         }
@@ -274,6 +288,13 @@ impl Deliver for Hub {
     }
 
     fn resync(&self) {
+        // Join markers published while the bus was down are lost: every member is live
+        // from here on, and told it may have missed events.
+        for (_, members) in self.snapshot() {
+            for member in members.iter() {
+                member.live.store(true, Ordering::Release);
+            }
+        }
         let frame = Bytes::from(
             ServerFrame::error(
                 "events_missed",
@@ -308,6 +329,7 @@ mod tests {
             conn_key: format!("r-{conn}"),
             outlet,
             kick: CancellationToken::new(),
+            live: Arc::new(AtomicBool::new(true)),
         };
         (member, rx)
     }
@@ -401,6 +423,44 @@ mod tests {
             got += 1;
         }
         assert_eq!(got, 3, "the fast reader got every message");
+    }
+
+    #[test]
+    fn a_member_gets_nothing_published_before_its_join_marker() {
+        let hub = Hub::new("r");
+        let (old, mut rx_old) = member(1, 8);
+        let (new, mut rx_new) = member(2, 8);
+        new.live.store(false, Ordering::Release);
+        let live = new.live.clone();
+        hub.add("c", old);
+        hub.add("c", new);
+        let origin = |conn| Origin {
+            replica: "r".into(),
+            conn,
+        };
+        // Published before member 2 joined, delivered after it was added locally.
+        hub.deliver(
+            "c",
+            &Envelope::encode(&deleted(), None, Echo::All, None, false),
+        );
+        assert!(rx_old.try_recv().is_some());
+        assert!(
+            rx_new.try_recv().is_none(),
+            "not for a member that had not joined"
+        );
+        // Its join marker goes to nobody, and opens its stream.
+        hub.deliver("c", &Envelope::join_marker(origin(2)));
+        assert!(live.load(Ordering::Acquire));
+        assert!(rx_old.try_recv().is_none() && rx_new.try_recv().is_none());
+        hub.deliver(
+            "c",
+            &Envelope::encode(&deleted(), None, Echo::All, None, false),
+        );
+        assert!(rx_new.try_recv().is_some());
+        assert!(rx_old.try_recv().is_some());
+        // Another member's marker is never delivered either.
+        hub.deliver("c", &Envelope::join_marker(origin(1)));
+        assert!(rx_old.try_recv().is_none() && rx_new.try_recv().is_none());
     }
 
     #[test]

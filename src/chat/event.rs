@@ -91,6 +91,8 @@ pub enum Echo {
     All,
     /// Everyone but the origin connection (joins, leaves, typing; as the original does).
     Others,
+    /// Nobody: a join marker, which only tells the hub where the origin's stream begins.
+    Nobody,
 }
 
 /// The bus payload: a frame plus how to deliver it.
@@ -107,6 +109,11 @@ pub struct Envelope<'a> {
     /// Ephemeral events (typing) are the first dropped for a slow client.
     #[serde(default)]
     pub ephemeral: bool,
+    /// Published by the origin connection's join, in the same atomic step that records
+    /// it: events before this one in the bus stream were published before the connection
+    /// joined, so the hub does not deliver them to it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join: bool,
     #[serde(borrow)]
     pub frame: &'a RawValue,
 }
@@ -123,13 +130,42 @@ impl<'a> Envelope<'a> {
         client_id: Option<&str>,
         ephemeral: bool,
     ) -> Vec<u8> {
-        let frame = RawValue::from_string(frame.to_json()).expect("frame is JSON");
+        Self::build(&frame.to_json(), origin, echo, client_id, ephemeral, false)
+    }
+
+    /// The `user_joined` a connection's join publishes when it is the user's first.
+    pub fn joined(frame: &ServerFrame, origin: Origin<'_>) -> Vec<u8> {
+        Self::build(
+            &frame.to_json(),
+            Some(origin),
+            Echo::Others,
+            None,
+            false,
+            true,
+        )
+    }
+
+    /// What a connection's join publishes otherwise: a marker delivered to nobody.
+    pub fn join_marker(origin: Origin<'_>) -> Vec<u8> {
+        Self::build("{}", Some(origin), Echo::Nobody, None, false, true)
+    }
+
+    fn build(
+        frame: &str,
+        origin: Option<Origin<'_>>,
+        echo: Echo,
+        client_id: Option<&str>,
+        ephemeral: bool,
+        join: bool,
+    ) -> Vec<u8> {
+        let frame = RawValue::from_string(frame.to_string()).expect("frame is JSON");
         let envelope = Envelope {
             v: ENVELOPE_VERSION,
             origin,
             echo,
             client_id: client_id.map(Cow::Borrowed),
             ephemeral,
+            join,
             frame: &frame,
         };
         serde_json::to_vec(&envelope).expect("envelopes always serialize")

@@ -6,7 +6,7 @@
 //! `message_id`) is its acknowledgement, and it arrives in history order.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -340,6 +340,7 @@ impl ChatService {
                 conn_key: conn_key.clone(),
                 outlet,
                 kick: kick.clone(),
+                live: Arc::new(AtomicBool::new(false)),
             },
         );
         let mut connection = Connection {
@@ -357,19 +358,15 @@ impl ChatService {
             self.unregister(&connection);
             return Err(ChatError::Unavailable(e.0));
         }
-        let joined = ServerFrame::UserJoined {
-            username: connection.username.to_string(),
-            channel: connection.channel.to_string(),
-            timestamp: Timestamp::now(),
-        };
-        let event = Envelope::encode(&joined, Some(self.origin(conn)), Echo::Others, None, false);
+        let (joined, marker) = self.join_events(conn, &connection.username, &connection.channel);
         if let Err(e) = self
             .store
             .join(
                 &connection.channel,
                 &connection.username,
                 &connection.conn_key,
-                &event,
+                &joined,
+                &marker,
             )
             .await
         {
@@ -378,6 +375,26 @@ impl ChatService {
         }
         connection.closed = false;
         Ok(connection)
+    }
+
+    /// What a join publishes: `user_joined` for the others when it is the user's first
+    /// connection, a marker otherwise; either tells the hub where this connection's stream
+    /// begins.
+    fn join_events(
+        &self,
+        conn: u64,
+        username: &Username,
+        channel: &ChannelName,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let joined = ServerFrame::UserJoined {
+            username: username.to_string(),
+            channel: channel.to_string(),
+            timestamp: Timestamp::now(),
+        };
+        (
+            Envelope::joined(&joined, self.origin(conn)),
+            Envelope::join_marker(self.origin(conn)),
+        )
     }
 
     fn unregister(&self, connection: &Connection) {
@@ -460,21 +477,16 @@ impl ChatService {
             if !self.hub.contains(channel.as_str(), member.conn) {
                 continue;
             }
-            let joined = ServerFrame::UserJoined {
-                username: member.username.to_string(),
-                channel: channel.to_string(),
-                timestamp: Timestamp::now(),
-            };
-            let event = Envelope::encode(
-                &joined,
-                Some(self.origin(member.conn)),
-                Echo::Others,
-                None,
-                false,
-            );
+            let (joined, marker) = self.join_events(member.conn, &member.username, &channel);
             if let Err(e) = self
                 .store
-                .join(&channel, &member.username, &member.conn_key, &event)
+                .join(
+                    &channel,
+                    &member.username,
+                    &member.conn_key,
+                    &joined,
+                    &marker,
+                )
                 .await
             {
                 tracing::warn!(%channel, error = %e, "presence re-join failed");

@@ -135,7 +135,8 @@ impl Store for MemoryStore {
         channel: &ChannelName,
         user: &Username,
         conn_key: &str,
-        event: &[u8],
+        joined: &[u8],
+        marker: &[u8],
     ) -> StoreResult<bool> {
         let now = now_ms();
         let deadline = now + self.settings.presence_ttl_ms;
@@ -149,9 +150,8 @@ impl Store for MemoryStore {
         conns.retain(|_, d| *d > now);
         let first = conns.is_empty();
         conns.insert(conn_key.to_string(), deadline);
-        if first {
-            self.bus.publish(channel.as_str(), event);
-        }
+        let event = if first { joined } else { marker };
+        self.bus.publish(channel.as_str(), event);
         Ok(first)
     }
 

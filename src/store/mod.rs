@@ -73,14 +73,17 @@ pub trait Store: Send + Sync + 'static {
     /// Channels with history, sorted by name.
     async fn channels(&self) -> StoreResult<Vec<String>>;
 
-    /// Marks one connection of `user` online; publishes `event` and returns `true` when it
-    /// is the user's first live connection in the channel.
+    /// Marks one connection of `user` online and returns `true` when it is the user's
+    /// first live connection in the channel. Publishes, in the same atomic step, `joined`
+    /// in that case and `marker` otherwise, so the bus always carries the point where the
+    /// connection's stream begins.
     async fn join(
         &self,
         channel: &ChannelName,
         user: &Username,
         conn_key: &str,
-        event: &[u8],
+        joined: &[u8],
+        marker: &[u8],
     ) -> StoreResult<bool>;
 
     /// Removes one connection; publishes `event` and returns `true` when it was the user's

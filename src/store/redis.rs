@@ -130,7 +130,8 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (tonumber(t[1]) - tonumbe
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 ";
 
-/// KEYS: user's connections, channel's users. ARGV: conn key, user, ttl ms, bus channel, event.
+/// KEYS: user's connections, channel's users.
+/// ARGV: conn key, user, ttl ms, bus channel, user_joined event, join marker.
 const JOIN: &str = r"
 local ttl = tonumber(ARGV[3])
 local deadline = now + ttl
@@ -145,6 +146,7 @@ if before == 0 then
   redis.call('PUBLISH', ARGV[4], ARGV[5])
   return 1
 end
+redis.call('PUBLISH', ARGV[4], ARGV[6])
 return 0
 ";
 
@@ -384,7 +386,8 @@ impl Store for RedisStore {
         channel: &ChannelName,
         user: &Username,
         conn_key: &str,
-        event: &[u8],
+        joined: &[u8],
+        marker: &[u8],
     ) -> StoreResult<bool> {
         let mut conn = self.conn.clone();
         self.scripts
@@ -395,7 +398,8 @@ impl Store for RedisStore {
             .arg(user.as_str())
             .arg(self.settings.presence_ttl_ms)
             .arg(self.keys.events(channel.as_str()))
-            .arg(event)
+            .arg(joined)
+            .arg(marker)
             .invoke_async::<i64>(&mut conn)
             .await
             .map(|n| n == 1)

@@ -173,27 +173,46 @@ async fn conformance(store: Arc<dyn Store>, recorder: Arc<Recorder>) {
     recorder.take(1).await;
     assert_eq!(store.channels().await.unwrap(), ["conf"]);
 
-    // Presence: first join and last leave announce; other tabs do not.
+    // Presence: first join and last leave announce; other tabs publish only a marker.
     let p = ch("presence");
     assert!(
         store
-            .join(&p, &user("bob"), "r-1", &event("user_joined"))
+            .join(
+                &p,
+                &user("bob"),
+                "r-1",
+                &event("user_joined"),
+                &event("marker")
+            )
             .await
             .unwrap()
     );
     assert!(
         !store
-            .join(&p, &user("bob"), "r-2", &event("user_joined"))
+            .join(
+                &p,
+                &user("bob"),
+                "r-2",
+                &event("user_joined"),
+                &event("marker")
+            )
             .await
             .unwrap()
     );
     assert!(
         store
-            .join(&p, &user("amy"), "r-3", &event("user_joined"))
+            .join(
+                &p,
+                &user("amy"),
+                "r-3",
+                &event("user_joined"),
+                &event("marker")
+            )
             .await
             .unwrap()
     );
-    assert_eq!(recorder.take(2).await.len(), 2);
+    let kinds: Vec<String> = recorder.take(3).await.into_iter().map(|(_, k)| k).collect();
+    assert_eq!(kinds, ["user_joined", "marker", "user_joined"]);
     let names = |entries: Vec<chatgate::store::PresenceEntry>| -> Vec<String> {
         entries.into_iter().map(|e| e.username).collect()
     };
@@ -259,7 +278,13 @@ async fn conformance(store: Arc<dyn Store>, recorder: Arc<Recorder>) {
     );
     assert!(
         store
-            .join(&p, &user("ghost"), "dead-1", &event("user_joined"))
+            .join(
+                &p,
+                &user("ghost"),
+                "dead-1",
+                &event("user_joined"),
+                &event("marker")
+            )
             .await
             .unwrap()
     );
