@@ -120,6 +120,8 @@ fn main() -> ExitCode {
             }
         };
         let token = app.shutdown_token();
+        // The signal listener lives as long as the process; nothing waits for it.
+        #[allow(clippy::disallowed_methods)]
         tokio::spawn(chatgate::shutdown::on_signal(token));
         match app.run_until_stopped().await {
             Ok(()) => ExitCode::SUCCESS,

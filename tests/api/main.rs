@@ -1,6 +1,9 @@
 //! Integration tests: the real app on port 0, over real sockets, with a private
 //! `redis-server` per test where Redis is involved.
 
+// Tests spawn helper tasks freely; the TaskTracker rule is for the server.
+#![allow(clippy::disallowed_methods)]
+
 mod faults;
 mod helpers;
 mod lifecycle;
