@@ -107,3 +107,41 @@ async fn unreachable_redis_at_startup_is_an_error_not_a_fallback() {
     assert!(text.contains("cannot reach Redis"), "{text}");
     assert!(!text.contains("hunter2"), "password redacted: {text}");
 }
+
+#[tokio::test]
+async fn a_join_cut_short_by_the_request_timeout_leaves_nothing_behind() {
+    let redis = RedisServer::start().await;
+    let app = TestApp::spawn(
+        Some(&redis),
+        &[
+            ("CHATGATE_SERVER__REQUEST_TIMEOUT_SECS", "1"),
+            ("CHATGATE_REDIS__COMMAND_TIMEOUT_MS", "6000"),
+        ],
+    )
+    .await;
+    let mut watcher = app.ws("watcher", "general").await;
+    // Redis holds every write for longer than the request timeout: the upgrade handler
+    // is dropped while its join waits on Redis.
+    let mut conn = redis.connection().await;
+    let paused: String = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2500)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(paused, "OK");
+    let url = format!("ws://127.0.0.1:{}/ws/chat?username=ghost", app.port);
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 408);
+        }
+        other => panic!("expected the request timeout, got {other:?}"),
+    }
+    // The join still completed once Redis answered, and was undone.
+    let joined = watcher.next_of("user_joined").await;
+    assert_eq!(joined["username"], "ghost");
+    let left = watcher.next_of("user_left").await;
+    assert_eq!(left["username"], "ghost");
+    assert_eq!(app.online("general").await, ["watcher"]);
+}
