@@ -1363,6 +1363,26 @@ fn split_conns(conns: Vec<Conn>) -> (Vec<Sink>, Vec<JoinHandle<ReaderStats>>) {
     conns.into_iter().map(|c| (c.sink, c.reader)).unzip()
 }
 
+/// Connects every spec; when any connection fails, closes what opened and returns why.
+/// (The `idle` scenario counts failures instead.)
+async fn connect_every(
+    sh: &Arc<Shared>,
+    target: &Arc<Target>,
+    specs: Vec<ConnSpec>,
+    common: &Common,
+    wanted: usize,
+) -> Result<Connected, String> {
+    let mut connected = connect_all(sh, target, specs, ConnectOpts::from(common)).await;
+    if let Some(fatal) = connected.fatal.take() {
+        return Err(abandon(sh, connected, fatal).await);
+    }
+    if connected.failed > 0 {
+        let reason = failure_summary(&connected, wanted);
+        return Err(abandon(sh, connected, reason).await);
+    }
+    Ok(connected)
+}
+
 /// Closes what a failed connect phase opened and returns the reason as an error.
 async fn abandon(sh: &Shared, connected: Connected, reason: String) -> String {
     let (mut sinks, readers) = split_conns(connected.conns);
@@ -2363,14 +2383,7 @@ async fn fanout(
         "fanout: opening {} subscribers and {} publisher(s) on {channel}",
         args.subscribers, args.publishers
     );
-    let mut connected = connect_all(&sh, &target, specs, ConnectOpts::from(common)).await;
-    if let Some(fatal) = connected.fatal.take() {
-        return Err(abandon(&sh, connected, fatal).await);
-    }
-    if connected.failed > 0 {
-        let reason = failure_summary(&connected, wanted);
-        return Err(abandon(&sh, connected, reason).await);
-    }
+    let mut connected = connect_every(&sh, &target, specs, common, wanted).await?;
     let mem_connected = pid.as_deref().and_then(read_mem);
     let mut sinks = Vec::new();
     let mut outlets = Vec::new();
@@ -2489,14 +2502,7 @@ async fn send(
         "send: opening {} channels x {} clients",
         args.channels, args.clients
     );
-    let mut connected = connect_all(&sh, &target, specs, ConnectOpts::from(common)).await;
-    if let Some(fatal) = connected.fatal.take() {
-        return Err(abandon(&sh, connected, fatal).await);
-    }
-    if connected.failed > 0 {
-        let reason = failure_summary(&connected, wanted);
-        return Err(abandon(&sh, connected, reason).await);
-    }
+    let mut connected = connect_every(&sh, &target, specs, common, wanted).await?;
     let mem_connected = pid.as_deref().and_then(read_mem);
     let (sinks, readers) = split_conns(std::mem::take(&mut connected.conns));
     let outlets = sinks
