@@ -35,6 +35,8 @@ const BACKGROUND_STOP: Duration = Duration::from_secs(5);
 pub enum StartupError {
     #[error("{0}")]
     Redis(String),
+    #[error("auth: {0}")]
+    Auth(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -111,6 +113,21 @@ impl Application {
         let chat = Arc::new(ChatService::new(store, bus, hub, limits, sessions.clone()));
         background_tasks.spawn(chat.clone().refresh_presence(background.clone()));
 
+        let auth = if config.auth.enabled {
+            let auth = crate::auth::Authenticator::start(
+                &config.auth,
+                background.clone(),
+                &background_tasks,
+            )
+            .await
+            .map_err(StartupError::Auth)?;
+            Some(Arc::new(auth))
+        } else {
+            tracing::warn!("authentication is off: every caller is trusted to name itself");
+            None
+        };
+        let origins = crate::http::origin::OriginPolicy::new(&config.cors, config.dev);
+
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
         let session = SessionSettings {
             ping_interval: Duration::from_secs(config.ws.ping_interval_secs),
@@ -129,6 +146,8 @@ impl Application {
             shutdown,
             sessions,
             session,
+            auth,
+            origins,
         });
         Ok(Self {
             listener,

@@ -34,6 +34,7 @@ pub struct Config {
     pub ws: WsConfig,
     pub auth: AuthConfig,
     pub cors: CorsConfig,
+    pub web: WebConfig,
     pub log: LogConfig,
     /// `--dev`: auth off, CORS open, readable logs, in-memory store when no Redis is set.
     #[serde(skip)]
@@ -54,6 +55,8 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     pub request_timeout_secs: u64,
     pub max_body_bytes: usize,
+    pub trusted_proxies: Vec<String>,
+    pub allow_dev_mode: bool,
 }
 
 #[derive(Clone, Deserialize)]
@@ -134,12 +137,62 @@ pub struct WsConfig {
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub enabled: bool,
+    pub algorithms: Vec<String>,
+    pub hmac_secret: Secret,
+    pub public_key_files: Vec<PathBuf>,
+    pub jwks_url: String,
+    pub jwks_refresh_secs: u64,
+    pub jwks_min_refetch_secs: u64,
+    pub jwks_timeout_ms: u64,
+    pub issuer: String,
+    pub audience: Vec<String>,
+    pub leeway_secs: u64,
+    pub max_token_lifetime_secs: u64,
+    pub username_claim: String,
+    pub roles_claim: String,
+    pub admin_roles: Vec<String>,
+    pub channels_claim: String,
+    pub query_token_param: String,
+}
+
+/// A string that never prints: `Debug` shows only whether it is set.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"<redacted>\""
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CorsConfig {
     pub allowed_origins: Vec<String>,
+    pub allow_credentials: bool,
+    pub allow_same_origin: bool,
+    pub allow_missing_origin: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    pub enabled: bool,
 }
 
 /// Log line format.
@@ -412,22 +465,105 @@ impl Config {
             Backend::Memory => {}
         }
         check(
-            !self.auth.enabled,
-            "auth.enabled = true, but this build has no token verifier yet: run with --dev, \
-             or set auth.enabled = false (CHATGATE_AUTH__ENABLED=false) behind an \
-             authenticating proxy",
+            !self.dev || self.server.allow_dev_mode,
+            "--dev is forbidden here (server.allow_dev_mode = false): authentication stays on",
         );
+        for proxy in &self.server.trusted_proxies {
+            check(
+                crate::http::client_ip::parse_net(proxy).is_some(),
+                &format!("server.trusted_proxies: {proxy:?} is not an IP address or CIDR"),
+            );
+        }
+        if self.auth.enabled {
+            self.validate_auth(problems);
+        }
         for origin in &self.cors.allowed_origins {
-            if origin == "*" || !(origin.starts_with("http://") || origin.starts_with("https://")) {
+            if origin.trim() == "*" {
+                problems.push(
+                    "cors.allowed_origins: \"*\" is refused: list the exact origins of your web apps"
+                        .to_string(),
+                );
+            } else if crate::http::origin::normalize(origin).is_none() {
                 problems.push(format!(
-                    "cors.allowed_origins: {origin:?} is not an exact http(s) origin"
-                ));
-            } else if origin.trim_end_matches('/').matches('/').count() != 2 {
-                problems.push(format!(
-                    "cors.allowed_origins: {origin:?} must be scheme://host[:port] without a path"
+                    "cors.allowed_origins: {origin:?} is not an exact origin (http(s)://host[:port], no path)"
                 ));
             }
         }
+    }
+
+    fn validate_auth(&self, problems: &mut Vec<String>) {
+        let auth = &self.auth;
+        let mut check = |ok: bool, problem: &str| {
+            if !ok {
+                problems.push(problem.to_string());
+            }
+        };
+        let mut hmac = false;
+        let mut public = false;
+        for name in &auth.algorithms {
+            match crate::auth::parse_algorithm(name) {
+                Some(alg) if crate::auth::is_hmac(alg) => hmac = true,
+                Some(_) => public = true,
+                None => check(
+                    false,
+                    &format!(
+                        "auth.algorithms: {name:?} is not a supported algorithm (HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"
+                    ),
+                ),
+            }
+        }
+        check(
+            !auth.algorithms.is_empty(),
+            "auth.algorithms is empty: list the algorithms your issuer signs with",
+        );
+        check(
+            !(hmac && public),
+            "auth.algorithms mixes HS* with public-key algorithms: an HMAC secret and public keys must not verify the same tokens (key confusion)",
+        );
+        if hmac {
+            check(
+                auth.hmac_secret.expose().len() >= 32,
+                "auth.hmac_secret must be at least 32 bytes for HS* algorithms (CHATGATE_AUTH__HMAC_SECRET)",
+            );
+        }
+        if public {
+            check(
+                !auth.public_key_files.is_empty() || !auth.jwks_url.is_empty(),
+                "auth.enabled = true needs keys: set auth.jwks_url (your issuer's JWKS) or auth.public_key_files, or auth.hmac_secret with HS256; or run with --dev",
+            );
+        }
+        if !auth.jwks_url.is_empty() {
+            check(
+                auth.jwks_url.starts_with("https://") || auth.jwks_url.starts_with("http://"),
+                "auth.jwks_url must be an http(s) URL",
+            );
+        }
+        check(
+            auth.jwks_refresh_secs >= 1
+                && auth.jwks_min_refetch_secs >= 1
+                && auth.jwks_timeout_ms >= 1,
+            "auth.jwks_refresh_secs, auth.jwks_min_refetch_secs and auth.jwks_timeout_ms must be at least 1",
+        );
+        check(
+            auth.leeway_secs <= 300,
+            "auth.leeway_secs must be at most 300",
+        );
+        check(
+            auth.max_token_lifetime_secs >= 60,
+            "auth.max_token_lifetime_secs must be at least 60",
+        );
+        check(
+            !auth.username_claim.is_empty(),
+            "auth.username_claim must name a claim (sub is the fallback)",
+        );
+        check(
+            auth.query_token_param.is_empty()
+                || auth
+                    .query_token_param
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "auth.query_token_param must be letters, digits and _",
+        );
     }
 
     /// Whether this process runs on Redis (otherwise on the in-memory store and bus).
@@ -681,7 +817,7 @@ mod tests {
         assert!(text.contains("unknown key nope.key"), "{text}");
         assert!(text.contains("API_PORT"), "{text}");
         assert!(text.contains("chat.history_max_limit"), "{text}");
-        assert!(text.contains(r#""*" is not an exact"#), "{text}");
+        assert!(text.contains(r#""*" is refused"#), "{text}");
         assert_eq!(err.0.len(), 5, "{text}");
 
         let err = Config::load(&vars(&[
@@ -704,7 +840,90 @@ mod tests {
         let err = Config::load(&overrides).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("no Redis configured"), "{text}");
-        assert!(text.contains("auth.enabled"), "{text}");
+        assert!(text.contains("auth.enabled = true needs keys"), "{text}");
+    }
+
+    fn production(list: &[(&str, &str)]) -> Overrides {
+        let mut all = vec![("CHATGATE_STORE__BACKEND", "memory")];
+        all.extend_from_slice(list);
+        Overrides {
+            dev: false,
+            ..vars(&all)
+        }
+    }
+
+    #[test]
+    fn auth_settings_are_checked_together() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        assert!(
+            Config::load(&production(&[
+                ("CHATGATE_AUTH__ALGORITHMS", "HS256"),
+                ("CHATGATE_AUTH__HMAC_SECRET", secret),
+            ]))
+            .is_ok()
+        );
+        assert!(
+            Config::load(&production(&[
+                ("CHATGATE_AUTH__ALGORITHMS", "ES256,EdDSA"),
+                ("CHATGATE_AUTH__JWKS_URL", "https://idp.example/certs"),
+            ]))
+            .is_ok()
+        );
+        let problems =
+            |list: &[(&str, &str)]| Config::load(&production(list)).unwrap_err().to_string();
+        let text = problems(&[
+            ("CHATGATE_AUTH__ALGORITHMS", "HS256,RS256,none"),
+            ("CHATGATE_AUTH__HMAC_SECRET", "short"),
+            ("CHATGATE_AUTH__JWKS_URL", "ftp://idp.example/certs"),
+        ]);
+        assert!(
+            text.contains("\"none\" is not a supported algorithm"),
+            "{text}"
+        );
+        assert!(text.contains("mixes HS* with public-key"), "{text}");
+        assert!(text.contains("at least 32 bytes"), "{text}");
+        assert!(text.contains("jwks_url must be an http(s) URL"), "{text}");
+        let text = problems(&[("CHATGATE_AUTH__ALGORITHMS", "")]);
+        assert!(text.contains("auth.algorithms is empty"), "{text}");
+        let text = problems(&[
+            ("CHATGATE_AUTH__ENABLED", "false"),
+            ("CHATGATE_SERVER__TRUSTED_PROXIES", "10.0.0.0/8,not-a-net"),
+        ]);
+        assert!(
+            text.contains("\"not-a-net\" is not an IP address or CIDR"),
+            "{text}"
+        );
+        assert!(!text.contains("10.0.0.0/8"), "{text}");
+    }
+
+    #[test]
+    fn a_secret_never_prints() {
+        let config = Config::load(&production(&[
+            ("CHATGATE_AUTH__ALGORITHMS", "HS256"),
+            (
+                "CHATGATE_AUTH__HMAC_SECRET",
+                "0123456789abcdef0123456789abcdef",
+            ),
+        ]))
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("0123456789abcdef"), "{debug}");
+        assert!(debug.contains("<redacted>"), "{debug}");
+    }
+
+    #[test]
+    fn production_config_can_forbid_dev_mode() {
+        let err = Config::load(&vars(&[("CHATGATE_SERVER__ALLOW_DEV_MODE", "false")])).unwrap_err();
+        assert!(err.to_string().contains("--dev is forbidden"), "{err}");
+        // The shipped production environment forbids it.
+        let shipped = Overrides {
+            dev: true,
+            environment: Some("production".into()),
+            config_dir: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config")),
+            ..Overrides::default()
+        };
+        let err = Config::load(&shipped).unwrap_err();
+        assert!(err.to_string().contains("--dev is forbidden"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Usage policy:
 //! - Handlers return `AppResult<T>`; every failure becomes an [`ApiError`].
 //! - The body is always the original's shape, `{"detail": "..."}`, plus a stable `code`.
-//! - Client errors (400, 404, 413, 422) carry a detail written for the client.
+//! - Client errors (400, 401, 403, 404, 413, 422) carry a detail written for the client;
+//!   401s also carry a `WWW-Authenticate: Bearer` challenge (RFC 6750).
 //! - Server-side failures (503, 500) carry a generic detail; the cause travels in a response
 //!   extension ([`ErrorCause`]) that the logging middleware writes inside the request's
 //!   span. Internal error text never reaches a client.
@@ -13,6 +14,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::auth::AuthError;
 use crate::chat::ChatError;
 use crate::chat::model::ValidationError;
 
@@ -26,6 +28,13 @@ pub enum ApiError {
     /// Well-formed, but the content breaks a rule.
     #[error("{detail}")]
     Unprocessable { code: &'static str, detail: String },
+    /// No acceptable bearer token (401 with a `WWW-Authenticate` challenge), or the
+    /// issuer's keys are not loaded yet (503).
+    #[error("{0}")]
+    Unauthorized(AuthError),
+    /// Authenticated, but not allowed to do this.
+    #[error("{detail}")]
+    Forbidden { code: &'static str, detail: String },
     #[error("{0}")]
     NotFound(&'static str),
     #[error("{0}")]
@@ -53,6 +62,13 @@ impl ApiError {
         }
     }
 
+    pub fn forbidden(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::Forbidden {
+            code,
+            detail: detail.into(),
+        }
+    }
+
     /// A parameter (path or query) that failed validation is a malformed request.
     pub fn bad_param(e: ValidationError) -> Self {
         Self::BadRequest {
@@ -65,6 +81,9 @@ impl ApiError {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unauthorized(AuthError::KeysUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -74,7 +93,10 @@ impl ApiError {
 
     fn code(&self) -> &'static str {
         match self {
-            Self::BadRequest { code, .. } | Self::Unprocessable { code, .. } => code,
+            Self::BadRequest { code, .. }
+            | Self::Unprocessable { code, .. }
+            | Self::Forbidden { code, .. } => code,
+            Self::Unauthorized(e) => e.code(),
             Self::NotFound(_) => "not_found",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Unavailable(_) => "store_unavailable",
@@ -87,6 +109,7 @@ impl ApiError {
 impl From<ChatError> for ApiError {
     fn from(e: ChatError) -> Self {
         match e {
+            ChatError::NotOwner => Self::forbidden("not_owner", e.to_string()),
             ChatError::Invalid(v) if v.code == "invalid_limit" => Self::bad_param(v),
             ChatError::Invalid(v) => Self::Unprocessable {
                 code: v.code,
@@ -102,8 +125,15 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let code = self.code();
+        let challenge = match &self {
+            Self::Unauthorized(e) => Some(e.challenge()),
+            _ => None,
+        };
         let (detail, cause) = match self {
-            Self::BadRequest { detail, .. } | Self::Unprocessable { detail, .. } => (detail, None),
+            Self::BadRequest { detail, .. }
+            | Self::Unprocessable { detail, .. }
+            | Self::Forbidden { detail, .. } => (detail, None),
+            Self::Unauthorized(e) => (e.to_string(), None),
             Self::NotFound(detail) => (detail.to_string(), None),
             Self::PayloadTooLarge(detail) => (detail, None),
             Self::Unavailable(cause) => (
@@ -120,6 +150,11 @@ impl IntoResponse for ApiError {
             (status, Json(json!({ "detail": detail, "code": code }))).into_response();
         if let Some(cause) = cause {
             response.extensions_mut().insert(ErrorCause(cause));
+        }
+        if let Some(challenge) = challenge {
+            response
+                .headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, challenge);
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response

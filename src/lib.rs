@@ -11,15 +11,18 @@
 //! - [`error`]: the HTTP error type. [`telemetry`]: logs. [`shutdown`]: signals.
 
 pub mod app;
+pub mod auth;
 pub mod bus;
 pub mod chat;
 pub mod config;
+pub mod content;
 pub mod error;
 pub mod http;
 pub mod shutdown;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod web;
 pub mod ws;
 
 pub use app::Application;

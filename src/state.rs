@@ -6,8 +6,10 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Authenticator;
 use crate::chat::ChatService;
 use crate::config::Config;
+use crate::http::origin::OriginPolicy;
 use crate::ws::session::SessionSettings;
 
 #[derive(Clone)]
@@ -21,6 +23,10 @@ pub struct Inner {
     /// Tracks live WebSocket sessions, so shutdown can wait for them.
     pub sessions: TaskTracker,
     pub session: SessionSettings,
+    /// The token verifier; `None` when auth is off.
+    pub auth: Option<Arc<Authenticator>>,
+    /// The WebSocket Origin rule.
+    pub origins: OriginPolicy,
 }
 
 impl AppState {

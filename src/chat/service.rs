@@ -20,7 +20,7 @@ use super::model::{
 };
 use crate::bus::Bus;
 use crate::bus::hub::{Hub, Member, Outbox, outbox};
-use crate::store::{PresenceMember, Store, StoreError};
+use crate::store::{Deleted, PresenceMember, Store, StoreError};
 
 /// Why a chat operation failed. Maps to a REST status and a WebSocket error code.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,9 @@ pub enum ChatError {
     /// The message or resource does not exist.
     #[error("{0}")]
     NotFound(&'static str),
+    /// The message belongs to someone else.
+    #[error("you can delete only your own messages")]
+    NotOwner,
     /// Redis (store or bus) failed; the cause is for logs only.
     #[error("chat store unavailable: {0}")]
     Unavailable(String),
@@ -231,21 +234,32 @@ impl ChatService {
         Ok(message)
     }
 
-    /// Deletes a message by id and tells the channel.
+    /// Deletes a message by id and tells the channel. With `owner`, only that user's
+    /// message may go (checked in the same atomic step as the removal).
     ///
     /// # Errors
-    /// [`ChatError::NotFound`] when the channel's history has no such message.
-    pub async fn delete(&self, channel: &ChannelName, id: &MessageId) -> Result<(), ChatError> {
+    /// [`ChatError::NotFound`] when the channel's history has no such message,
+    /// [`ChatError::NotOwner`] when it is someone else's.
+    pub async fn delete(
+        &self,
+        channel: &ChannelName,
+        id: &MessageId,
+        owner: Option<&Username>,
+    ) -> Result<(), ChatError> {
         let frame = ServerFrame::MessageDeleted {
             message_id: id.to_string(),
             channel: channel.to_string(),
             timestamp: Timestamp::now(),
         };
         let event = Envelope::encode(&frame, None, Echo::All, None, false);
-        if self.store.delete(channel, id, &event).await? {
-            Ok(())
-        } else {
-            Err(ChatError::NotFound("Message not found"))
+        match self
+            .store
+            .delete(channel, id, owner.map(Username::as_str), &event)
+            .await?
+        {
+            Deleted::Done => Ok(()),
+            Deleted::NotFound => Err(ChatError::NotFound("Message not found")),
+            Deleted::NotOwner => Err(ChatError::NotOwner),
         }
     }
 

@@ -1,5 +1,6 @@
 //! The one middleware stack, in request order. Each layer says why it sits where it does.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -22,11 +23,13 @@ use tracing::Level;
 
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCause};
+use crate::http::client_ip::{self, ClientIp, ClientIpResolver};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Wraps the router in the stack. Layers listed first see the request first.
 pub fn apply(router: Router, config: &Config) -> Router {
+    let resolver = Arc::new(ClientIpResolver::new(&config.server.trusted_proxies));
     let stack = ServiceBuilder::new()
         // Outermost: mark credentials sensitive before anything can log or trace them.
         .layer(SetSensitiveRequestHeadersLayer::new([
@@ -36,6 +39,11 @@ pub fn apply(router: Router, config: &Config) -> Router {
         ]))
         // A request id (the client's, or a new UUID) before the span, so the span has it.
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        // The client address, decided once (trusted proxies only), for the span and limits.
+        .layer(middleware::from_fn_with_state(
+            resolver,
+            client_ip::resolve_layer,
+        ))
         // The request span, named by route template: never the raw path or query string.
         .layer(
             TraceLayer::new_for_http()
@@ -49,7 +57,18 @@ pub fn apply(router: Router, config: &Config) -> Router {
                         .get(REQUEST_ID)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("");
-                    tracing::info_span!("http", method = %request.method(), route, request_id)
+                    let client_ip = request
+                        .extensions()
+                        .get::<ClientIp>()
+                        .map(|ip| tracing::field::display(ip.0));
+                    tracing::info_span!(
+                        "http",
+                        method = %request.method(),
+                        route,
+                        request_id,
+                        client_ip,
+                        user = tracing::field::Empty,
+                    )
                 })
                 // 5xx are expected answers (503 while Redis is down, /readyz while draining);
                 // their causes are logged at ERROR by `log_error_cause` below.
@@ -64,6 +83,11 @@ pub fn apply(router: Router, config: &Config) -> Router {
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
         ))
+        // API answers are per-user and live: never cached by browsers or proxies.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::X_FRAME_OPTIONS,
             HeaderValue::from_static("DENY"),
@@ -74,6 +98,9 @@ pub fn apply(router: Router, config: &Config) -> Router {
         ))
         // CORS answers preflights before they reach limits or handlers.
         .layer(cors(config))
+        // Compressed request bodies would slip past the size limit once inflated; none of
+        // the API needs them.
+        .layer(middleware::from_fn(refuse_encoded_bodies))
         // Bound the body before any handler buffers it: every body extractor reads through
         // this limit, and our Json wrapper turns its rejection into a JSON 413.
         .layer(DefaultBodyLimit::max(config.server.max_body_bytes))
@@ -92,6 +119,8 @@ pub fn apply(router: Router, config: &Config) -> Router {
     router.layer(stack)
 }
 
+/// CORS from the exact allow-list (`Vary: Origin` is always sent; credentials only when
+/// configured, and `*` never reaches here: config validation refuses it).
 fn cors(config: &Config) -> CorsLayer {
     let methods = [Method::GET, Method::POST, Method::DELETE, Method::OPTIONS];
     if config.dev {
@@ -105,12 +134,15 @@ fn cors(config: &Config) -> CorsLayer {
         .cors
         .allowed_origins
         .iter()
-        .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+        .filter_map(|o| crate::http::origin::normalize(o))
+        .filter_map(|o| HeaderValue::from_str(&o).ok())
         .collect();
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
         .allow_methods(methods)
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, REQUEST_ID])
+        .expose_headers([REQUEST_ID, header::WWW_AUTHENTICATE, header::RETRY_AFTER])
+        .allow_credentials(config.cors.allow_credentials)
         .max_age(Duration::from_secs(600))
 }
 
@@ -120,4 +152,24 @@ async fn log_error_cause(request: Request, next: Next) -> Response {
         tracing::error!(status = response.status().as_u16(), cause = %cause, "request failed");
     }
     response
+}
+
+/// 415 for a request body with a `Content-Encoding` other than `identity`.
+async fn refuse_encoded_bodies(request: Request, next: Next) -> Response {
+    let encoded = request
+        .headers()
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            axum::Json(serde_json::json!({
+                "detail": "compressed request bodies (Content-Encoding) are not accepted",
+                "code": "unsupported_content_encoding",
+            })),
+        )
+            .into_response();
+    }
+    next.run(request).await
 }

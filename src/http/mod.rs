@@ -1,6 +1,9 @@
 //! HTTP: the REST routes of the original API, health endpoints, and the middleware stack.
 
+pub mod caller;
+pub mod client_ip;
 pub mod middleware;
+pub mod origin;
 pub mod routes;
 
 use axum::Router;
@@ -10,8 +13,11 @@ use crate::state::AppState;
 
 /// Every route, without middleware.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .merge(routes::router())
-        .route("/ws/chat", get(crate::ws::connect_chat))
-        .with_state(state)
+        .route("/ws/chat", get(crate::ws::connect_chat));
+    if state.config.web.enabled {
+        router = router.merge(crate::web::router(state.config.auth.enabled));
+    }
+    router.with_state(state)
 }

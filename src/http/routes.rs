@@ -12,8 +12,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::chat::Draft;
-use crate::chat::model::{ChannelName, DEFAULT_CHANNEL, MessageId, Username};
+use crate::chat::model::{ChannelName, DEFAULT_CHANNEL, MessageId};
 use crate::error::{ApiError, AppResult};
+use crate::http::caller::Caller;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -26,6 +27,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/chat/channels", get(list_channels))
         .route("/api/chat/message", post(send_message))
         .route("/api/chat/message/{message_id}", delete(delete_message))
+        .route("/api/me", get(me))
 }
 
 /// `axum::Json` whose rejections use the app's error format: 413 for an oversized body,
@@ -82,6 +84,8 @@ async fn healthz() -> Json<Value> {
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let verdict = if state.shutdown.is_cancelled() {
         Err("draining".to_string())
+    } else if state.auth.as_ref().is_some_and(|a| !a.is_ready()) {
+        Err("auth keys".to_string())
     } else {
         state.chat.ready().await
     };
@@ -91,6 +95,8 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             tracing::warn!(%reason, "not ready");
             let detail = if reason == "draining" {
                 "draining"
+            } else if reason == "auth keys" {
+                "auth keys not loaded"
             } else if reason.contains("bus") {
                 "bus not subscribed"
             } else {
@@ -105,11 +111,13 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn list_history(
+    caller: Caller,
     State(state): State<AppState>,
     Path(raw_channel): Path<String>,
     query: Params,
 ) -> AppResult<Json<Value>> {
     let channel = channel(&raw_channel)?;
+    caller.check_channel(&channel)?;
     let limit = match params(query)?.get("limit") {
         None => None,
         Some(raw) => Some(
@@ -127,10 +135,12 @@ async fn list_history(
 }
 
 async fn list_online_users(
+    caller: Caller,
     State(state): State<AppState>,
     Path(raw_channel): Path<String>,
 ) -> AppResult<Json<Value>> {
     let channel = channel(&raw_channel)?;
+    caller.check_channel(&channel)?;
     let users = state.chat.online(&channel).await?;
     Ok(Json(json!({
         "channel": channel.as_str(),
@@ -139,8 +149,14 @@ async fn list_online_users(
     })))
 }
 
-async fn list_channels(State(state): State<AppState>) -> AppResult<Json<Value>> {
-    let channels = state.chat.channels().await?;
+/// Channels with history; with a channel-restricted token, only those it allows.
+async fn list_channels(caller: Caller, State(state): State<AppState>) -> AppResult<Json<Value>> {
+    let mut channels = state.chat.channels().await?;
+    if let Some(identity) = caller.identity() {
+        channels.retain(|name| {
+            ChannelName::parse(name).is_ok_and(|channel| identity.may_use(&channel))
+        });
+    }
     Ok(Json(
         json!({ "channels": channels, "count": channels.len() }),
     ))
@@ -148,10 +164,12 @@ async fn list_channels(State(state): State<AppState>) -> AppResult<Json<Value>> 
 
 /// The body of `POST /api/chat/message`: a JSON object (an array is refused even where
 /// its items would fit). `channel` and `message_type` default as in the original, and
-/// `null` means the default, as on the WebSocket.
+/// `null` means the default, as on the WebSocket. With auth on, `sender` may be left out
+/// (the token names the sender) and must match the token when given.
 #[derive(Debug, Deserialize)]
 pub struct SendMessageBody {
-    sender: String,
+    #[serde(default)]
+    sender: Option<String>,
     content: String,
     #[serde(default)]
     channel: Option<String>,
@@ -160,6 +178,7 @@ pub struct SendMessageBody {
 }
 
 async fn send_message(
+    caller: Caller,
     State(state): State<AppState>,
     AppJson(body): AppJson<Value>,
 ) -> AppResult<Json<Value>> {
@@ -176,9 +195,10 @@ async fn send_message(
         code: e.code,
         detail: e.detail,
     };
-    let sender = Username::parse(&body.sender).map_err(unprocessable)?;
+    let sender = caller.sender(body.sender.as_deref())?;
     let channel = ChannelName::parse(body.channel.as_deref().unwrap_or(DEFAULT_CHANNEL))
         .map_err(unprocessable)?;
+    caller.check_channel(&channel)?;
     let message_type = body.message_type.as_deref().unwrap_or("text");
     let draft =
         Draft::parse(body.content, message_type, state.chat.limits()).map_err(unprocessable)?;
@@ -190,7 +210,10 @@ async fn send_message(
     })))
 }
 
+/// Deletes a message: anyone's in dev mode (as the original), otherwise the caller's own,
+/// or anyone's for a caller holding an admin role.
 async fn delete_message(
+    caller: Caller,
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
     query: Params,
@@ -201,10 +224,40 @@ async fn delete_message(
         ApiError::bad_request("missing_channel", "channel query parameter is required")
     })?;
     let channel = channel(raw_channel)?;
-    state.chat.delete(&channel, &id).await?;
+    caller.check_channel(&channel)?;
+    let owner = caller
+        .identity()
+        .filter(|identity| !identity.admin)
+        .map(|identity| &identity.username);
+    state.chat.delete(&channel, &id, owner).await?;
     Ok(Json(json!({
         "success": true,
         "message": "Message deleted successfully",
         "data": null,
+    })))
+}
+
+/// `GET /api/me`: who the token says the caller is (404 with auth off: there is no caller).
+async fn me(caller: Caller) -> AppResult<Json<Value>> {
+    let identity = caller.identity().ok_or(ApiError::NotFound(
+        "authentication is off: there is no caller identity",
+    ))?;
+    let expires_at =
+        chrono::DateTime::from_timestamp(i64::try_from(identity.expires_at).unwrap_or(i64::MAX), 0)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    let channels = match &identity.channels {
+        crate::auth::ChannelAccess::All => Value::Null,
+        crate::auth::ChannelAccess::Only(set) => {
+            let mut list: Vec<&String> = set.iter().collect();
+            list.sort();
+            json!(list)
+        }
+    };
+    Ok(Json(json!({
+        "username": identity.username.as_str(),
+        "roles": identity.roles,
+        "admin": identity.admin,
+        "channels": channels,
+        "expires_at": expires_at,
     })))
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
-use super::{PresenceEntry, PresenceMember, Store, StoreResult, StoreSettings};
+use super::{Deleted, PresenceEntry, PresenceMember, Store, StoreResult, StoreSettings};
 use crate::bus::memory::MemoryBus;
 use crate::chat::model::{ChannelName, MessageId, Username};
 
@@ -96,30 +96,40 @@ impl Store for MemoryStore {
         &self,
         channel: &ChannelName,
         id: &MessageId,
+        owner: Option<&str>,
         event: &[u8],
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Deleted> {
         let mut inner = self.lock();
         self.expire_history(&mut inner, now_ms());
         let Some((list, _)) = inner.history.get_mut(channel.as_str()) else {
-            return Ok(false);
+            return Ok(Deleted::NotFound);
         };
         let needle = format!("\"{id}\"");
-        let position = list.iter().position(|entry| {
-            entry.contains(&needle)
-                && serde_json::from_str::<serde_json::Value>(entry)
-                    .ok()
-                    .and_then(|v| v.get("message_id")?.as_str().map(|s| s == id.as_str()))
-                    .unwrap_or(false)
+        let found = list.iter().enumerate().find_map(|(position, entry)| {
+            if !entry.contains(&needle) {
+                return None;
+            }
+            let value = serde_json::from_str::<serde_json::Value>(entry).ok()?;
+            (value.get("message_id")?.as_str()? == id.as_str()).then(|| {
+                let sender = value
+                    .get("sender")
+                    .and_then(|s| s.as_str())
+                    .map(str::to_string);
+                (position, sender)
+            })
         });
-        let Some(position) = position else {
-            return Ok(false);
+        let Some((position, sender)) = found else {
+            return Ok(Deleted::NotFound);
         };
+        if owner.is_some_and(|owner| sender.as_deref() != Some(owner)) {
+            return Ok(Deleted::NotOwner);
+        }
         list.remove(position);
         if list.is_empty() {
             inner.history.remove(channel.as_str());
         }
         self.bus.publish(channel.as_str(), event);
-        Ok(true)
+        Ok(Deleted::Done)
     }
 
     async fn channels(&self) -> StoreResult<Vec<String>> {

@@ -52,6 +52,16 @@ pub struct PresenceMember {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// What a delete found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    Done,
+    /// No message with this id in the channel's history.
+    NotFound,
+    /// The message exists but belongs to someone else (nothing was removed).
+    NotOwner,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Appends a serialized message to the channel's history (newest first, capped,
@@ -61,14 +71,15 @@ pub trait Store: Send + Sync + 'static {
     /// The newest `limit` entries, oldest first (the original's order).
     async fn history(&self, channel: &ChannelName, limit: usize) -> StoreResult<Vec<String>>;
 
-    /// Removes the message with this id and publishes `event`; `false` (and no event) when
-    /// no such message is in the history.
+    /// Removes the message with this id and publishes `event`, in one atomic step. With
+    /// `owner`, only a message whose `sender` is `owner` is removed.
     async fn delete(
         &self,
         channel: &ChannelName,
         id: &MessageId,
+        owner: Option<&str>,
         event: &[u8],
-    ) -> StoreResult<bool>;
+    ) -> StoreResult<Deleted>;
 
     /// Channels with history, sorted by name.
     async fn channels(&self) -> StoreResult<Vec<String>>;

@@ -19,7 +19,9 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{PresenceEntry, PresenceMember, Store, StoreError, StoreResult, StoreSettings};
+use super::{
+    Deleted, PresenceEntry, PresenceMember, Store, StoreError, StoreResult, StoreSettings,
+};
 use crate::chat::model::{ChannelName, MessageId, Username};
 use crate::config::RedisConfig;
 
@@ -95,7 +97,8 @@ const TOUCH_EVERY: Duration = Duration::from_secs(30);
 /// Channels remembered as recently touched before old entries are pruned.
 const TOUCH_MEMORY: usize = 10_000;
 
-/// KEYS: history, channels. ARGV: message id, bus channel, event, channel name.
+/// KEYS: history, channels. ARGV: message id, bus channel, event, channel name, owner
+/// (empty: anyone's). Returns 1 deleted, 0 not found, 2 found but owned by someone else.
 /// Scans newest first, a page at a time (entries can be large), for entries holding the
 /// quoted id (so compact and spaced JSON, ours and the original's, both match); a decode
 /// confirms the match. The id is checked by the caller to be letters, digits and `-`.
@@ -110,6 +113,9 @@ while start < len do
   if string.find(item, needle, 1, true) then
     local ok, decoded = pcall(cjson.decode, item)
     if ok and type(decoded) == 'table' and decoded['message_id'] == ARGV[1] then
+      if ARGV[5] ~= '' and decoded['sender'] ~= ARGV[5] then
+        return 2
+      end
       redis.call('LREM', KEYS[1], 1, item)
       if redis.call('EXISTS', KEYS[1]) == 0 then
         redis.call('ZREM', KEYS[2], ARGV[4])
@@ -350,8 +356,9 @@ impl Store for RedisStore {
         &self,
         channel: &ChannelName,
         id: &MessageId,
+        owner: Option<&str>,
         event: &[u8],
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Deleted> {
         let mut conn = self.conn.clone();
         self.scripts
             .delete
@@ -361,9 +368,14 @@ impl Store for RedisStore {
             .arg(self.keys.events(channel.as_str()))
             .arg(event)
             .arg(channel.as_str())
+            .arg(owner.unwrap_or(""))
             .invoke_async::<i64>(&mut conn)
             .await
-            .map(|n| n == 1)
+            .map(|n| match n {
+                1 => Deleted::Done,
+                2 => Deleted::NotOwner,
+                _ => Deleted::NotFound,
+            })
             .map_err(unavailable)
     }
 

@@ -5,32 +5,64 @@ pub mod session;
 
 use std::collections::HashMap;
 
-use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::extract::{Query, RawQuery, State, WebSocketUpgrade};
+use axum::http::HeaderMap;
 use axum::response::Response;
 
+use crate::auth::{Identity, SUBPROTOCOL, Surface};
 use crate::chat::model::{ChannelName, Username};
 use crate::error::{ApiError, AppResult};
+use crate::http::caller::{ClaimedUser, claimed_user};
+use crate::http::client_ip::ClientIp;
 use crate::state::AppState;
 
-/// `GET /ws/chat?username=&channel=`: validates, joins the channel (bus subscription and
-/// presence confirmed), then upgrades. Any failure is an HTTP error and no 101: a client
-/// that sees the socket open is already receiving the channel's events.
+/// `GET /ws/chat?channel=[&username=]`: checks the Origin, authenticates, validates and
+/// joins the channel (bus subscription and presence confirmed), then upgrades. Any
+/// failure is an HTTP error and no 101: a client that sees the socket open is already
+/// receiving the channel's events.
 pub async fn connect_chat(
     State(state): State<AppState>,
+    headers: HeaderMap,
+    client_ip: Option<axum::Extension<ClientIp>>,
+    RawQuery(raw_query): RawQuery,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     ws: WebSocketUpgrade,
 ) -> AppResult<Response> {
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let client_ip = client_ip.map(|c| c.0.0);
+    if let Err(reason) = state.origins.check(&headers) {
+        tracing::warn!(reason, client_ip = ?client_ip, "WebSocket refused: origin");
+        return Err(ApiError::forbidden("origin_not_allowed", reason));
+    }
+    let identity = match &state.auth {
+        None => None,
+        Some(auth) => {
+            let verified = match auth.token(&headers, raw_query.as_deref(), Surface::WebSocket) {
+                Ok(token) => auth.verify(&token).await,
+                Err(e) => Err(e),
+            };
+            match verified {
+                Ok(identity) => Some(identity),
+                Err(e) => {
+                    tracing::warn!(reason = %e, code = e.code(), client_ip = ?client_ip, "WebSocket refused: authentication failed");
+                    return Err(ApiError::Unauthorized(e));
+                }
+            }
+        }
+    };
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let username = params
-        .get("username")
-        .ok_or_else(|| ApiError::bad_request("missing_username", "username is required"))?;
-    let username = Username::parse(username).map_err(ApiError::bad_param)?;
+    let username = identify(identity.as_ref(), params.get("username"))?;
     let channel = match params.get("channel") {
         Some(channel) => ChannelName::parse(channel).map_err(ApiError::bad_param)?,
         None => ChannelName::general(),
     };
-    if state.shutdown.is_cancelled() {
-        return Err(ApiError::ShuttingDown);
+    if identity.as_ref().is_some_and(|i| !i.may_use(&channel)) {
+        return Err(ApiError::forbidden(
+            "channel_forbidden",
+            format!("your token does not allow channel {channel}"),
+        ));
     }
     // The join runs as its own task: if the client gives up (or the request times out)
     // while it waits on Redis, this handler is dropped but the join still completes, and
@@ -46,14 +78,30 @@ pub async fn connect_chat(
     let settings = state.session.clone();
     let shutdown = state.shutdown.clone();
     let alive = state.sessions.token();
+    let expires_in = identity.as_ref().map(Identity::remaining);
+    // Only chatgate.v1 can be selected: the token entry is never echoed back.
     Ok(ws
+        .protocols([SUBPROTOCOL])
         .read_buffer_size(ws_config.read_buffer_bytes)
         .write_buffer_size(ws_config.write_buffer_bytes)
         .max_write_buffer_size(ws_config.max_write_buffer_bytes)
         .max_message_size(ws_config.max_message_bytes)
         .max_frame_size(ws_config.max_message_bytes)
         .on_upgrade(move |socket| async move {
-            session::run(socket, connection, settings, shutdown).await;
+            session::run(socket, connection, settings, shutdown, expires_in).await;
             drop(alive);
         }))
+}
+
+/// The connection's user: the token's (a `username` parameter naming anyone else is
+/// refused with 403), or with auth off the required `username` parameter.
+fn identify(identity: Option<&Identity>, claimed: Option<&String>) -> AppResult<Username> {
+    claimed_user(identity, claimed.map(String::as_str)).map_err(|e| match e {
+        ClaimedUser::Mismatch => ApiError::forbidden(
+            "username_mismatch",
+            "username must be the token's user (or be left out)",
+        ),
+        ClaimedUser::Invalid(e) => ApiError::bad_param(e),
+        ClaimedUser::Missing => ApiError::bad_request("missing_username", "username is required"),
+    })
 }

@@ -27,6 +27,9 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
     /// The client did not read its frames fast enough (its queue filled up).
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// Policy violation: the bearer token expired (an error frame `token_expired` comes
+    /// first). Reconnect with a fresh token.
+    pub const POLICY: u16 = 1008;
     /// Nothing heard from the client (not even a pong) within the heartbeat timeout.
     pub const HEARTBEAT_TIMEOUT: u16 = 4000;
 }
@@ -57,6 +60,7 @@ pub async fn run<S>(
     mut conn: Connection,
     settings: SessionSettings,
     shutdown: CancellationToken,
+    expires_in: Option<Duration>,
 ) where
     S: Stream<Item = Result<Message, Error>> + Sink<Message, Error = Error> + Unpin,
 {
@@ -75,6 +79,9 @@ pub async fn run<S>(
     let flush = tokio::time::sleep(Duration::MAX / 4);
     tokio::pin!(flush);
     let mut held: Option<bytes::Bytes> = None;
+    // The token's expiry ends the session: a session must not outlive its credential.
+    let expiry = tokio::time::sleep(expires_in.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(expiry);
 
     loop {
         // Not biased: inbound frames, outbound frames and timers get fair turns, so a
@@ -97,6 +104,15 @@ pub async fn run<S>(
                     write_batch(&mut sink, &mut conn, first, &settings).await;
                 }
                 close(&mut sink, close_code::GOING_AWAY, "server shutting down, reconnect", &settings).await;
+                Step::Stop
+            }
+            () = &mut expiry => {
+                let frame = ServerFrame::error(
+                    "token_expired",
+                    "your token expired: reconnect with a fresh token",
+                );
+                let _ = send_frame(&mut sink, &frame, &settings).await;
+                close(&mut sink, close_code::POLICY, "token expired", &settings).await;
                 Step::Stop
             }
             () = &mut flush, if held.is_some() => {
@@ -204,6 +220,7 @@ where
         Ok(()) => return Step::Continue,
         Err(ChatError::Invalid(e)) => ServerFrame::error(e.code, e.detail),
         Err(ChatError::NotFound(what)) => ServerFrame::error("not_found", what),
+        Err(e @ ChatError::NotOwner) => ServerFrame::error("not_owner", e.to_string()),
         Err(ChatError::Unavailable(cause)) => {
             tracing::warn!(channel = %conn.channel, error = %cause, "frame failed: store unavailable");
             ServerFrame::Error {

@@ -108,6 +108,21 @@ fn config_dir() -> PathBuf {
 /// The configuration every test app starts from: dev mode (auth off), the `test`
 /// environment, port 0, plus the test's own variables.
 pub fn test_config(redis: Option<&RedisServer>, vars: &[(&str, &str)]) -> Config {
+    load_config(true, redis, vars)
+}
+
+/// The production posture (auth on unless `vars` say otherwise), in the `test`
+/// environment, on the in-memory store unless `redis` is given.
+pub fn secure_config(redis: Option<&RedisServer>, vars: &[(&str, &str)]) -> Config {
+    let mut all = vec![(
+        "CHATGATE_STORE__BACKEND",
+        if redis.is_some() { "redis" } else { "memory" },
+    )];
+    all.extend_from_slice(vars);
+    load_config(false, redis, &all)
+}
+
+fn load_config(dev: bool, redis: Option<&RedisServer>, vars: &[(&str, &str)]) -> Config {
     let mut all: Vec<(String, String)> = vec![
         ("CHATGATE_SERVER__HOST".into(), "127.0.0.1".into()),
         ("CHATGATE_SERVER__PORT".into(), "0".into()),
@@ -120,7 +135,7 @@ pub fn test_config(redis: Option<&RedisServer>, vars: &[(&str, &str)]) -> Config
     }
     all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Config::load(&Overrides {
-        dev: true,
+        dev,
         environment: Some("test".into()),
         config_dir: Some(config_dir()),
         vars: all,
@@ -139,9 +154,11 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(redis: Option<&RedisServer>, vars: &[(&str, &str)]) -> Self {
-        let app = Application::build(test_config(redis, vars))
-            .await
-            .expect("app builds");
+        Self::spawn_with(test_config(redis, vars)).await
+    }
+
+    pub async fn spawn_with(config: Config) -> Self {
+        let app = Application::build(config).await.expect("app builds");
         let port = app.port();
         let shutdown = app.shutdown_token();
         let task = tokio::spawn(async move {
@@ -359,18 +376,43 @@ pub struct Process {
 }
 
 impl Process {
+    /// The binary in `--dev` mode on `redis`.
     pub async fn spawn(redis: &RedisServer, vars: &[(&str, &str)]) -> Self {
+        let mut all = vec![("CHATGATE_REDIS__URL".to_string(), redis.url())];
+        all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Self::start(true, &all, None).await
+    }
+
+    /// The binary with `--dev` or not, its stdout and stderr appended to `log` (or
+    /// discarded), ready when this returns.
+    pub async fn start(
+        dev: bool,
+        vars: &[(String, String)],
+        log: Option<&std::path::Path>,
+    ) -> Self {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_chatgate"))
-            .arg("--dev")
+        let output = || match log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap(),
+            ),
+            None => Stdio::null(),
+        };
+        let mut command = Command::new(env!("CARGO_BIN_EXE_chatgate"));
+        if dev {
+            command.arg("--dev");
+        }
+        let child = command
             .args(["--environment", "test", "--config-dir"])
             .arg(config_dir())
             .env("CHATGATE_SERVER__HOST", "127.0.0.1")
             .env("CHATGATE_SERVER__PORT", port.to_string())
-            .env("CHATGATE_REDIS__URL", redis.url())
-            .envs(vars.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(output())
+            .stderr(output())
             .spawn()
             .expect("chatgate binary runs");
         let process = Self { child, port };

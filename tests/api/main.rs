@@ -4,6 +4,7 @@
 // Tests spawn helper tasks freely; the TaskTracker rule is for the server.
 #![allow(clippy::disallowed_methods)]
 
+mod auth;
 mod faults;
 mod helpers;
 mod lifecycle;

@@ -9,7 +9,7 @@ use chatgate::bus::{Bus, Deliver};
 use chatgate::chat::model::{ChannelName, MessageId, Username};
 use chatgate::store::memory::MemoryStore;
 use chatgate::store::redis::{Keys, RedisStore};
-use chatgate::store::{PresenceMember, Store, StoreSettings};
+use chatgate::store::{Deleted, PresenceMember, Store, StoreSettings};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -139,36 +139,41 @@ async fn conformance(store: Arc<dyn Store>, recorder: Arc<Recorder>) {
     recorder.take(1).await;
     assert_eq!(store.channels().await.unwrap(), ["alpha", "conf"]);
 
-    // Delete by id: exact, evented, false when absent; the last delete empties the channel.
+    // Delete by id: exact, evented, NotFound when absent, NotOwner (and nothing removed,
+    // nothing published) for someone else's message; the last delete empties the channel.
     let id = |s: &str| MessageId::parse(s).unwrap();
-    assert!(
+    let deleted = event("message_deleted");
+    assert_eq!(
         store
-            .delete(&c, &id("id4"), &event("message_deleted"))
+            .delete(&c, &id("id4"), Some("mallory"), &deleted)
             .await
-            .unwrap()
+            .unwrap(),
+        Deleted::NotOwner
+    );
+    assert_eq!(
+        store
+            .delete(&c, &id("id4"), Some("s"), &deleted)
+            .await
+            .unwrap(),
+        Deleted::Done
     );
     assert_eq!(
         recorder.take(1).await,
         [("conf".to_string(), "message_deleted".to_string())]
     );
-    assert!(
-        !store
-            .delete(&c, &id("id4"), &event("message_deleted"))
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .delete(&c, &id("id0"), &event("message_deleted"))
-            .await
-            .unwrap()
-    );
+    for absent in ["id4", "id0"] {
+        assert_eq!(
+            store.delete(&c, &id(absent), None, &deleted).await.unwrap(),
+            Deleted::NotFound
+        );
+    }
     assert_eq!(store.history(&c, 10).await.unwrap().len(), 4);
-    assert!(
+    assert_eq!(
         store
-            .delete(&ch("alpha"), &id("a"), &event("message_deleted"))
+            .delete(&ch("alpha"), &id("a"), None, &deleted)
             .await
-            .unwrap()
+            .unwrap(),
+        Deleted::Done
     );
     recorder.take(1).await;
     assert_eq!(store.channels().await.unwrap(), ["conf"]);
