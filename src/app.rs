@@ -15,10 +15,11 @@ use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{BusTimeouts, RedisBus};
 use crate::chat::{ChatLimits, ChatService};
 use crate::config::Config;
+use crate::limits::Limits;
 use crate::state::{AppState, Inner};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{Keys, RedisStore};
-use crate::store::{Store, StoreSettings};
+use crate::store::{RateStore, Store, StoreSettings};
 use crate::ws::session::SessionSettings;
 
 /// Pending connections the kernel may queue before `accept` (capped by
@@ -29,6 +30,9 @@ const LISTEN_BACKLOG: u32 = 4096;
 /// Longest wait for background tasks (bus subscriber, presence refresher) after sessions
 /// have closed.
 const BACKGROUND_STOP: Duration = Duration::from_secs(5);
+
+/// The store, the bus, and (on Redis) where shared rate budgets live.
+type Backends = (Arc<dyn Store>, Arc<dyn Bus>, Option<Arc<dyn RateStore>>);
 
 /// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +78,7 @@ impl Application {
             typing_ttl_secs: config.store.typing_ttl_secs,
         };
 
-        let (store, bus): (Arc<dyn Store>, Arc<dyn Bus>) = if config.uses_redis() {
+        let (store, bus, shared_rates): Backends = if config.uses_redis() {
             let (client, conn) = crate::store::redis::connect(&config.redis)
                 .await
                 .map_err(StartupError::Redis)?;
@@ -91,21 +95,19 @@ impl Application {
                 &background_tasks,
             );
             tracing::info!(redis = %config.redis.redacted_url(), replica, "store and bus on Redis");
-            (
-                Arc::new(RedisStore::new(conn, keys, settings)),
-                Arc::new(bus),
-            )
+            let store = Arc::new(RedisStore::new(conn, keys, settings));
+            (store.clone(), Arc::new(bus), Some(store))
         } else {
             let bus = Arc::new(MemoryBus::new(hub.clone()));
             tracing::info!(replica, "store and bus in memory (single process)");
-            (Arc::new(MemoryStore::new(settings, bus.clone())), bus)
+            (Arc::new(MemoryStore::new(settings, bus.clone())), bus, None)
         };
 
         let limits = ChatLimits {
             history_default_limit: config.chat.history_default_limit,
             history_max_limit: config.chat.history_max_limit,
             max_text_bytes: config.chat.max_text_bytes,
-            max_media_bytes: config.chat.max_media_bytes,
+            media: config.media_limits(),
             outbound_queue: config.ws.outbound_queue,
             outbound_queue_bytes: config.ws.outbound_queue_bytes,
             presence_refresh: Duration::from_secs(config.store.presence_refresh_secs),
@@ -127,6 +129,13 @@ impl Application {
             None
         };
         let origins = crate::http::origin::OriginPolicy::new(&config.cors, config.dev);
+        let limits = Limits::new(&config.limits, shared_rates).map(Arc::new);
+        match &limits {
+            Some(limits) => {
+                background_tasks.spawn(limits.clone().keep_pruned(background.clone()));
+            }
+            None => tracing::warn!("limits.enabled = false: no rate or connection limits"),
+        }
 
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
         let session = SessionSettings {
@@ -135,6 +144,7 @@ impl Application {
             write_timeout: Duration::from_secs(config.ws.write_timeout_secs),
             write_delay: Duration::from_millis(config.ws.write_delay_ms),
             drain_window: grace.mul_f64(0.8),
+            limits: limits.clone(),
         };
         let addr = format!("{}:{}", config.server.host, config.server.port);
         let listener = bind(&addr)
@@ -148,6 +158,7 @@ impl Application {
             session,
             auth,
             origins,
+            limits,
         });
         Ok(Self {
             listener,
@@ -189,8 +200,11 @@ impl Application {
         } = self;
         let shutdown = state.shutdown.clone();
         let sessions = state.sessions.clone();
-        let router =
-            crate::http::middleware::apply(crate::http::router(state.clone()), &state.config);
+        let router = crate::http::middleware::apply(
+            crate::http::router(state.clone()),
+            &state.config,
+            state.limits.clone(),
+        );
         tracing::info!(addr = %listener.local_addr()?, "listening");
         // No Nagle: chat frames are small and latency-bound (Nagle with delayed ACKs
         // added ~40 ms to deliveries).

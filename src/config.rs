@@ -34,6 +34,7 @@ pub struct Config {
     pub ws: WsConfig,
     pub auth: AuthConfig,
     pub cors: CorsConfig,
+    pub limits: LimitsConfig,
     pub web: WebConfig,
     pub log: LogConfig,
     /// `--dev`: auth off, CORS open, readable logs, in-memory store when no Redis is set.
@@ -115,7 +116,10 @@ pub struct ChatConfig {
     pub history_default_limit: usize,
     pub history_max_limit: usize,
     pub max_text_bytes: usize,
-    pub max_media_bytes: usize,
+    pub max_image_bytes: usize,
+    pub max_audio_bytes: usize,
+    pub max_image_side: u32,
+    pub max_image_pixels: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -187,6 +191,26 @@ pub struct CorsConfig {
     pub allow_credentials: bool,
     pub allow_same_origin: bool,
     pub allow_missing_origin: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub enabled: bool,
+    pub messages_per_minute: u32,
+    pub message_burst: u32,
+    pub typing_per_minute: u32,
+    pub typing_burst: u32,
+    pub connects_per_minute_per_ip: u32,
+    pub connect_burst_per_ip: u32,
+    pub max_connections_per_ip: u32,
+    pub max_connections_per_user: u32,
+    pub max_connections: u32,
+    pub rest_per_minute_per_ip: u32,
+    pub rest_burst_per_ip: u32,
+    pub ws_close_after_refused: u32,
+    pub redis_timeout_ms: u64,
+    pub headers: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -338,6 +362,7 @@ impl Config {
 
         let config = match Config::deserialize(Value::Table(merged)) {
             Ok(mut config) => {
+                config.derive_sizes();
                 config.dev = overrides.dev;
                 config.environment = environment;
                 config.warnings = warnings;
@@ -354,6 +379,38 @@ impl Config {
         match config {
             Some(config) if problems.is_empty() => Ok(config),
             _ => Err(ConfigError(problems)),
+        }
+    }
+
+    /// The media limits as the content checks take them.
+    pub fn media_limits(&self) -> crate::content::MediaLimits {
+        crate::content::MediaLimits {
+            max_image_bytes: self.chat.max_image_bytes,
+            max_audio_bytes: self.chat.max_audio_bytes,
+            max_image_pixels: self.chat.max_image_pixels,
+            max_image_side: self.chat.max_image_side,
+        }
+    }
+
+    /// Fills the size keys left at 0 from the media limits, so one setting (the largest
+    /// media) sizes the socket and body limits that must hold it.
+    fn derive_sizes(&mut self) {
+        const JSON_ROOM: usize = 16 * 1024;
+        let largest = crate::content::max_encoded_len(&self.media_limits())
+            .max(self.chat.max_text_bytes * 6)
+            + JSON_ROOM;
+        if self.ws.max_message_bytes == 0 {
+            self.ws.max_message_bytes = largest;
+        }
+        if self.server.max_body_bytes == 0 {
+            self.server.max_body_bytes = largest;
+        }
+        if self.ws.outbound_queue_bytes == 0 {
+            self.ws.outbound_queue_bytes = (4 << 20).max(2 * self.ws.max_message_bytes);
+        }
+        if self.ws.max_write_buffer_bytes == 0 {
+            self.ws.max_write_buffer_bytes =
+                self.ws.write_buffer_bytes + self.ws.max_message_bytes + (1 << 20);
         }
     }
 
@@ -397,13 +454,46 @@ impl Config {
             self.chat.max_text_bytes >= 1,
             "chat.max_text_bytes must be at least 1",
         );
+        let media = crate::content::max_encoded_len(&self.media_limits());
         check(
-            self.ws.max_message_bytes > self.chat.max_media_bytes.max(self.chat.max_text_bytes),
-            "ws.max_message_bytes must be larger than chat.max_media_bytes and chat.max_text_bytes",
+            self.ws.max_message_bytes > media.max(self.chat.max_text_bytes),
+            "ws.max_message_bytes must be larger than the longest valid media data URL \
+             (from chat.max_image_bytes and chat.max_audio_bytes) and chat.max_text_bytes; \
+             leave it 0 to derive it",
         );
         check(
-            self.server.max_body_bytes > self.chat.max_media_bytes.max(self.chat.max_text_bytes),
-            "server.max_body_bytes must be larger than chat.max_media_bytes and chat.max_text_bytes",
+            self.server.max_body_bytes > media.max(self.chat.max_text_bytes),
+            "server.max_body_bytes must be larger than the longest valid media data URL \
+             (from chat.max_image_bytes and chat.max_audio_bytes) and chat.max_text_bytes; \
+             leave it 0 to derive it",
+        );
+        check(
+            self.chat.max_image_bytes >= 1
+                && self.chat.max_audio_bytes >= 1
+                && self.chat.max_image_side >= 1
+                && self.chat.max_image_pixels >= 1,
+            "chat.max_image_bytes, max_audio_bytes, max_image_side and max_image_pixels must be at least 1",
+        );
+        let l = &self.limits;
+        check(
+            [
+                l.messages_per_minute,
+                l.message_burst,
+                l.typing_per_minute,
+                l.typing_burst,
+                l.connects_per_minute_per_ip,
+                l.connect_burst_per_ip,
+                l.max_connections_per_ip,
+                l.max_connections_per_user,
+                l.max_connections,
+                l.rest_per_minute_per_ip,
+                l.rest_burst_per_ip,
+                l.ws_close_after_refused,
+            ]
+            .iter()
+            .all(|v| *v >= 1)
+                && l.redis_timeout_ms >= 1,
+            "every limits.* rate, burst and cap must be at least 1 (turn limits off with limits.enabled = false)",
         );
         check(
             self.ws.read_buffer_bytes >= 256,

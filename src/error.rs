@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::auth::AuthError;
 use crate::chat::ChatError;
 use crate::chat::model::ValidationError;
+use crate::limits::{RateHeaders, Refusal, Verdict};
 
 pub type AppResult<T> = Result<T, ApiError>;
 
@@ -37,8 +38,15 @@ pub enum ApiError {
     Forbidden { code: &'static str, detail: String },
     #[error("{0}")]
     NotFound(&'static str),
-    #[error("{0}")]
-    PayloadTooLarge(String),
+    #[error("{detail}")]
+    PayloadTooLarge { code: &'static str, detail: String },
+    /// Over a rate limit: 429 with `Retry-After`; the verdict also feeds the RateLimit
+    /// headers.
+    #[error("rate limited")]
+    RateLimited(Verdict),
+    /// A connection cap: 429 (per IP or per user) or 503 (this process is full).
+    #[error("connection refused by a cap")]
+    TooManyConnections(Refusal),
     /// Redis (or the bus) failed; the string is the cause, for logs.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -84,8 +92,12 @@ impl ApiError {
             Self::Unauthorized(AuthError::KeysUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::RateLimited(_) | Self::TooManyConnections(Refusal::PerIp | Refusal::PerUser) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::TooManyConnections(Refusal::Full) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -95,10 +107,13 @@ impl ApiError {
         match self {
             Self::BadRequest { code, .. }
             | Self::Unprocessable { code, .. }
+            | Self::PayloadTooLarge { code, .. }
             | Self::Forbidden { code, .. } => code,
             Self::Unauthorized(e) => e.code(),
+            Self::RateLimited(_) => "rate_limited",
+            Self::TooManyConnections(Refusal::Full) => "server_full",
+            Self::TooManyConnections(_) => "too_many_connections",
             Self::NotFound(_) => "not_found",
-            Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Unavailable(_) => "store_unavailable",
             Self::ShuttingDown => "shutting_down",
             Self::Internal(_) => "internal",
@@ -111,6 +126,11 @@ impl From<ChatError> for ApiError {
         match e {
             ChatError::NotOwner => Self::forbidden("not_owner", e.to_string()),
             ChatError::Invalid(v) if v.code == "invalid_limit" => Self::bad_param(v),
+            // Media over its size limit is a too-large body, not a malformed one.
+            ChatError::Invalid(v) if v.code == "media_too_large" => Self::PayloadTooLarge {
+                code: v.code,
+                detail: v.detail,
+            },
             ChatError::Invalid(v) => Self::Unprocessable {
                 code: v.code,
                 detail: v.detail,
@@ -129,13 +149,36 @@ impl IntoResponse for ApiError {
             Self::Unauthorized(e) => Some(e.challenge()),
             _ => None,
         };
+        let (retry_after, verdict) = match &self {
+            Self::RateLimited(v) => (Some(v.retry_after_secs()), Some(v.clone())),
+            Self::TooManyConnections(Refusal::PerIp | Refusal::PerUser) => (Some(5), None),
+            _ => (None, None),
+        };
         let (detail, cause) = match self {
             Self::BadRequest { detail, .. }
             | Self::Unprocessable { detail, .. }
             | Self::Forbidden { detail, .. } => (detail, None),
             Self::Unauthorized(e) => (e.to_string(), None),
+            Self::RateLimited(v) => (
+                format!(
+                    "Too many requests ({} limit): retry in {} s",
+                    v.policy.name,
+                    v.retry_after_secs()
+                ),
+                None,
+            ),
+            Self::TooManyConnections(Refusal::PerIp) => {
+                ("Too many connections from your address".to_string(), None)
+            }
+            Self::TooManyConnections(Refusal::PerUser) => {
+                ("Too many connections for your user".to_string(), None)
+            }
+            Self::TooManyConnections(Refusal::Full) => (
+                "Server is full, try again (another replica may have room)".to_string(),
+                None,
+            ),
             Self::NotFound(detail) => (detail.to_string(), None),
-            Self::PayloadTooLarge(detail) => (detail, None),
+            Self::PayloadTooLarge { detail, .. } => (detail, None),
             Self::Unavailable(cause) => (
                 "Chat store unavailable, try again later".to_string(),
                 Some(cause),
@@ -150,6 +193,14 @@ impl IntoResponse for ApiError {
             (status, Json(json!({ "detail": detail, "code": code }))).into_response();
         if let Some(cause) = cause {
             response.extensions_mut().insert(ErrorCause(cause));
+        }
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from(secs));
+        }
+        if let Some(verdict) = verdict {
+            response.extensions_mut().insert(RateHeaders(vec![verdict]));
         }
         if let Some(challenge) = challenge {
             response

@@ -18,6 +18,7 @@ pub mod config;
 pub mod content;
 pub mod error;
 pub mod http;
+pub mod limits;
 pub mod shutdown;
 pub mod state;
 pub mod store;
@@ -27,3 +28,9 @@ pub mod ws;
 
 pub use app::Application;
 pub use config::Config;
+
+/// Installs the process-wide TLS crypto provider (ring) that HTTPS clients (the JWKS
+/// fetcher) use. Idempotent: later calls are no-ops.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -10,6 +10,7 @@ use crate::auth::Authenticator;
 use crate::chat::ChatService;
 use crate::config::Config;
 use crate::http::origin::OriginPolicy;
+use crate::limits::Limits;
 use crate::ws::session::SessionSettings;
 
 #[derive(Clone)]
@@ -27,6 +28,8 @@ pub struct Inner {
     pub auth: Option<Arc<Authenticator>>,
     /// The WebSocket Origin rule.
     pub origins: OriginPolicy,
+    /// Rate and connection limits; `None` when `limits.enabled` is false.
+    pub limits: Option<Arc<Limits>>,
 }
 
 impl AppState {

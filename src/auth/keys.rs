@@ -139,9 +139,7 @@ impl Jwks {
     /// # Errors
     /// The HTTP client cannot be built (no TLS roots).
     pub fn new(settings: JwksSettings) -> Result<Self, String> {
-        // One process-wide TLS provider; a second install (tests build many apps) is a
-        // harmless no-op.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::install_tls_provider();
         let client = reqwest::Client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)

@@ -24,11 +24,12 @@ use tracing::Level;
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCause};
 use crate::http::client_ip::{self, ClientIp, ClientIpResolver};
+use crate::limits::{Limits, RateHeaders};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Wraps the router in the stack. Layers listed first see the request first.
-pub fn apply(router: Router, config: &Config) -> Router {
+pub fn apply(router: Router, config: &Config, limits: Option<Arc<Limits>>) -> Router {
     let resolver = Arc::new(ClientIpResolver::new(&config.server.trusted_proxies));
     let stack = ServiceBuilder::new()
         // Outermost: mark credentials sensitive before anything can log or trace them.
@@ -98,6 +99,13 @@ pub fn apply(router: Router, config: &Config) -> Router {
         ))
         // CORS answers preflights before they reach limits or handlers.
         .layer(cors(config))
+        // RateLimit headers from the verdicts gathered below (and by handlers).
+        .layer(middleware::from_fn_with_state(
+            limits.as_ref().is_some_and(|l| l.headers),
+            rate_headers,
+        ))
+        // The per-IP REST budget, before any handler work.
+        .layer(middleware::from_fn_with_state(limits, rest_limit))
         // Compressed request bodies would slip past the size limit once inflated; none of
         // the API needs them.
         .layer(middleware::from_fn(refuse_encoded_bodies))
@@ -172,4 +180,52 @@ async fn refuse_encoded_bodies(request: Request, next: Next) -> Response {
             .into_response();
     }
     next.run(request).await
+}
+
+/// `/api/` requests spend the client IP's REST budget; over it they get 429.
+async fn rest_limit(
+    axum::extract::State(limits): axum::extract::State<Option<Arc<Limits>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(limits) = limits else {
+        return next.run(request).await;
+    };
+    if !request.uri().path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    let ip = request
+        .extensions()
+        .get::<ClientIp>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0);
+    let verdict = limits.rest(ip);
+    if !verdict.allowed {
+        tracing::warn!(client_ip = %ip, limit = "rest", "rate limited");
+        return ApiError::RateLimited(verdict).into_response();
+    }
+    let mut response = next.run(request).await;
+    let extensions = response.extensions_mut();
+    match extensions.get_mut::<RateHeaders>() {
+        Some(RateHeaders(verdicts)) => verdicts.insert(0, verdict),
+        None => {
+            extensions.insert(RateHeaders(vec![verdict]));
+        }
+    }
+    response
+}
+
+/// Writes `RateLimit` and `RateLimit-Policy` from the verdicts a response carries (when
+/// `limits.headers` is on); the verdicts never leave the process otherwise.
+async fn rate_headers(
+    axum::extract::State(enabled): axum::extract::State<bool>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    if let Some(RateHeaders(verdicts)) = response.extensions_mut().remove::<RateHeaders>()
+        && enabled
+    {
+        crate::limits::write_headers(response.headers_mut(), &verdicts);
+    }
+    response
 }

@@ -7,14 +7,15 @@ use axum::extract::{FromRequest, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::chat::Draft;
 use crate::chat::model::{ChannelName, DEFAULT_CHANNEL, MessageId};
+use crate::chat::{ChatError, Draft};
 use crate::error::{ApiError, AppResult};
 use crate::http::caller::Caller;
+use crate::limits::RateHeaders;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -39,7 +40,10 @@ pub struct AppJson<T>(pub T);
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge("request body too large".into())
+            ApiError::PayloadTooLarge {
+                code: "payload_too_large",
+                detail: "request body too large".into(),
+            }
         } else {
             ApiError::bad_request(
                 "invalid_request",
@@ -181,7 +185,7 @@ async fn send_message(
     caller: Caller,
     State(state): State<AppState>,
     AppJson(body): AppJson<Value>,
-) -> AppResult<Json<Value>> {
+) -> AppResult<(Option<Extension<RateHeaders>>, Json<Value>)> {
     if !body.is_object() {
         return Err(ApiError::bad_request(
             "invalid_request",
@@ -201,13 +205,27 @@ async fn send_message(
     caller.check_channel(&channel)?;
     let message_type = body.message_type.as_deref().unwrap_or("text");
     let draft =
-        Draft::parse(body.content, message_type, state.chat.limits()).map_err(unprocessable)?;
+        Draft::parse(body.content, message_type, state.chat.limits()).map_err(ChatError::from)?;
+    // The sender's message budget, shared with its WebSocket sends.
+    let verdict = match &state.limits {
+        Some(limits) => {
+            let verdict = limits.message(sender.as_str()).await;
+            if !verdict.allowed {
+                return Err(ApiError::RateLimited(verdict));
+            }
+            Some(Extension(RateHeaders(vec![verdict])))
+        }
+        None => None,
+    };
     let message = state.chat.send(&sender, &channel, draft, None).await?;
-    Ok(Json(json!({
-        "success": true,
-        "message": "Message sent successfully",
-        "data": message,
-    })))
+    Ok((
+        verdict,
+        Json(json!({
+            "success": true,
+            "message": "Message sent successfully",
+            "data": message,
+        })),
+    ))
 }
 
 /// Deletes a message: anyone's in dev mode (as the original), otherwise the caller's own,

@@ -8,6 +8,8 @@
 //! (memory). So the order in which replicas receive events is the order of history, and an
 //! event is published if and only if its write happened.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::chat::model::{ChannelName, MessageId, Username};
@@ -51,6 +53,25 @@ pub struct PresenceMember {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One decision of the shared rate limiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateOutcome {
+    pub allowed: bool,
+    pub remaining: u32,
+    /// When refused: how long until one more is allowed.
+    pub retry_after: Duration,
+    /// How long until the burst is whole again.
+    pub reset_after: Duration,
+}
+
+/// Rate budgets shared by every replica: a generic cell rate algorithm (GCRA) over one
+/// key, decided atomically with the store's own clock.
+#[async_trait]
+pub trait RateStore: Send + Sync + 'static {
+    /// Takes one unit from `key`'s budget of `burst` units refilled one per `emission`.
+    async fn take(&self, key: &str, emission: Duration, burst: u32) -> StoreResult<RateOutcome>;
+}
 
 /// What a delete found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,7 +20,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::{
-    Deleted, PresenceEntry, PresenceMember, Store, StoreError, StoreResult, StoreSettings,
+    Deleted, PresenceEntry, PresenceMember, RateOutcome, RateStore, Store, StoreError, StoreResult,
+    StoreSettings,
 };
 use crate::chat::model::{ChannelName, MessageId, Username};
 use crate::config::RedisConfig;
@@ -69,10 +70,32 @@ impl Keys {
     pub fn channels(&self) -> String {
         format!("{}chat:channels", self.prefix)
     }
+
+    /// A shared rate budget (`msg:<user>` for messages).
+    pub fn rate(&self, key: &str) -> String {
+        format!("{}ratelimit:{key}", self.prefix)
+    }
 }
 
 /// Milliseconds now, from Redis's clock. Shared prelude of the presence scripts.
 const NOW_MS: &str = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
+
+/// KEYS: the budget. ARGV: emission interval in ms, burst. GCRA: the key holds the
+/// theoretical arrival time (TAT) in ms of Redis's clock, so replicas with skewed clocks
+/// still share one budget. Returns allowed (0/1), remaining, retry-after ms, reset ms.
+const RATE: &str = r"
+local emission = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + emission
+local allow_at = new_tat - emission * burst
+if now < allow_at then
+  return {0, 0, allow_at - now, tat - now}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
+return {1, math.floor((now - allow_at) / emission), 0, new_tat - now}
+";
 
 /// KEYS: history, channels. ARGV: entry, cap, ttl secs, channel name, bus channel, event.
 /// ARGV[7] is `1` when this replica has not refreshed the channel's TTL and registry entry
@@ -223,6 +246,7 @@ struct Scripts {
     refresh: Script,
     online: Script,
     typing: Script,
+    rate: Script,
 }
 
 impl Scripts {
@@ -235,6 +259,7 @@ impl Scripts {
             join: timed(JOIN),
             leave: timed(LEAVE),
             refresh: timed(REFRESH),
+            rate: timed(RATE),
             online: timed(ONLINE),
             typing: Script::new(TYPING),
         }
@@ -514,6 +539,32 @@ impl Store for RedisStore {
             .await
             .map(drop)
             .map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl RateStore for RedisStore {
+    async fn take(&self, key: &str, emission: Duration, burst: u32) -> StoreResult<RateOutcome> {
+        let mut conn = self.conn.clone();
+        let emission_ms = u64::try_from(emission.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let (allowed, remaining, retry_ms, reset_ms): (i64, i64, i64, i64) = self
+            .scripts
+            .rate
+            .key(self.keys.rate(key))
+            .arg(emission_ms)
+            .arg(burst)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let ms = |v: i64| Duration::from_millis(u64::try_from(v).unwrap_or(0));
+        Ok(RateOutcome {
+            allowed: allowed == 1,
+            remaining: u32::try_from(remaining).unwrap_or(0),
+            retry_after: ms(retry_ms),
+            reset_after: ms(reset_ms),
+        })
     }
 }
 

@@ -4,6 +4,7 @@ pub mod protocol;
 pub mod session;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use axum::extract::{Query, RawQuery, State, WebSocketUpgrade};
 use axum::http::HeaderMap;
@@ -31,11 +32,27 @@ pub async fn connect_chat(
     if state.shutdown.is_cancelled() {
         return Err(ApiError::ShuttingDown);
     }
-    let client_ip = client_ip.map(|c| c.0.0);
+    let client_ip = client_ip.map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.0);
     if let Err(reason) = state.origins.check(&headers) {
-        tracing::warn!(reason, client_ip = ?client_ip, "WebSocket refused: origin");
+        tracing::warn!(reason, %client_ip, "WebSocket refused: origin");
         return Err(ApiError::forbidden("origin_not_allowed", reason));
     }
+    // Per-IP rate and caps before the token is even looked at: verifying costs more than
+    // counting.
+    let permit = match &state.limits {
+        None => None,
+        Some(limits) => {
+            let verdict = limits.connect(client_ip);
+            if !verdict.allowed {
+                tracing::warn!(%client_ip, limit = "connects", "WebSocket refused: rate limited");
+                return Err(ApiError::RateLimited(verdict));
+            }
+            Some(limits.admit(client_ip).map_err(|refusal| {
+                tracing::warn!(%client_ip, ?refusal, "WebSocket refused: connection cap");
+                ApiError::TooManyConnections(refusal)
+            })?)
+        }
+    };
     let identity = match &state.auth {
         None => None,
         Some(auth) => {
@@ -46,7 +63,7 @@ pub async fn connect_chat(
             match verified {
                 Ok(identity) => Some(identity),
                 Err(e) => {
-                    tracing::warn!(reason = %e, code = e.code(), client_ip = ?client_ip, "WebSocket refused: authentication failed");
+                    tracing::warn!(reason = %e, code = e.code(), %client_ip, "WebSocket refused: authentication failed");
                     return Err(ApiError::Unauthorized(e));
                 }
             }
@@ -54,6 +71,13 @@ pub async fn connect_chat(
     };
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let username = identify(identity.as_ref(), params.get("username"))?;
+    let permit = permit
+        .map(|p| p.for_user(username.as_str()))
+        .transpose()
+        .map_err(|refusal| {
+            tracing::warn!(%client_ip, ?refusal, "WebSocket refused: connection cap");
+            ApiError::TooManyConnections(refusal)
+        })?;
     let channel = match params.get("channel") {
         Some(channel) => ChannelName::parse(channel).map_err(ApiError::bad_param)?,
         None => ChannelName::general(),
@@ -89,7 +113,7 @@ pub async fn connect_chat(
         .max_frame_size(ws_config.max_message_bytes)
         .on_upgrade(move |socket| async move {
             session::run(socket, connection, settings, shutdown, expires_in).await;
-            drop(alive);
+            drop((alive, permit));
         }))
 }
 

@@ -7,6 +7,7 @@
 //! (4000), shutdown (1001) or a broken socket end it. The loop is generic over the socket,
 //! so it does not depend on how the connection was upgraded.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Error;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::protocol::ClientFrame;
 use crate::chat::event::ServerFrame;
 use crate::chat::{ChatError, Connection, Draft};
+use crate::limits::Limits;
 
 /// Close codes sent by the server (documented in docs/protocol.md).
 pub mod close_code {
@@ -30,6 +32,9 @@ pub mod close_code {
     /// Policy violation: the bearer token expired (an error frame `token_expired` comes
     /// first). Reconnect with a fresh token.
     pub const POLICY: u16 = 1008;
+    /// Close reason used with [`POLICY`] for a client that keeps sending past its rate
+    /// limit (`limits.ws_close_after_refused` refusals in a row).
+    pub const RATE_LIMIT_REASON: &str = "rate limit exceeded";
     /// Nothing heard from the client (not even a pong) within the heartbeat timeout.
     pub const HEARTBEAT_TIMEOUT: u16 = 4000;
 }
@@ -47,6 +52,8 @@ pub struct SessionSettings {
     pub write_delay: Duration,
     /// Sessions close at a random moment within this window after shutdown starts.
     pub drain_window: Duration,
+    /// Message and typing limits; `None` when limits are off.
+    pub limits: Option<Arc<Limits>>,
 }
 
 enum Step {
@@ -79,6 +86,8 @@ pub async fn run<S>(
     let flush = tokio::time::sleep(Duration::MAX / 4);
     tokio::pin!(flush);
     let mut held: Option<bytes::Bytes> = None;
+    // Messages refused by the rate limit in a row.
+    let mut refused = 0u32;
     // The token's expiry ends the session: a session must not outlive its credential.
     let expiry = tokio::time::sleep(expires_in.unwrap_or(Duration::MAX / 4));
     tokio::pin!(expiry);
@@ -138,7 +147,7 @@ pub async fn run<S>(
                 last_heard = Instant::now();
                 match inbound {
                     None => Step::Stop,
-                    Some(Ok(message)) => handle(&mut sink, &mut conn, message, &settings).await,
+                    Some(Ok(message)) => handle(&mut sink, &mut conn, message, &settings, &mut refused).await,
                     Some(Err(e)) => {
                         if is_too_big(e) {
                             close(&mut sink, close_code::TOO_BIG, "message too big", &settings).await;
@@ -176,6 +185,7 @@ async fn handle<S>(
     conn: &mut Connection,
     message: Message,
     settings: &SessionSettings,
+    refused: &mut u32,
 ) -> Step
 where
     S: Sink<Message, Error = Error> + Unpin,
@@ -207,14 +217,59 @@ where
             message_type,
             client_id,
         } => {
-            let result = match Draft::parse(content, &message_type, conn.limits()) {
-                Ok(draft) => conn.send(draft, client_id.as_deref()).await.map(drop),
-                Err(e) => Err(e.into()),
+            let draft = match Draft::parse(content, &message_type, conn.limits()) {
+                Ok(draft) => draft,
+                Err(e) => {
+                    let frame = ServerFrame::error(e.code, e.detail).for_client(client_id);
+                    return send_frame(sink, &frame, settings).await;
+                }
             };
-            (result, client_id)
+            if let Some(limits) = &settings.limits {
+                let verdict = limits.message(conn.username.as_str()).await;
+                if !verdict.allowed {
+                    *refused += 1;
+                    if *refused >= limits.refusals_before_close {
+                        close(
+                            sink,
+                            close_code::POLICY,
+                            close_code::RATE_LIMIT_REASON,
+                            settings,
+                        )
+                        .await;
+                        return Step::Stop;
+                    }
+                    let frame = ServerFrame::Error {
+                        code: "rate_limited",
+                        detail: "too many messages: wait retry_after_ms before sending again"
+                            .into(),
+                        retry_after_ms: Some(
+                            u64::try_from(verdict.retry_after.as_millis())
+                                .unwrap_or(u64::MAX)
+                                .max(1),
+                        ),
+                        client_id: None,
+                    };
+                    return send_frame(sink, &frame.for_client(client_id), settings).await;
+                }
+                *refused = 0;
+            }
+            (
+                conn.send(draft, client_id.as_deref()).await.map(drop),
+                client_id,
+            )
         }
-        ClientFrame::TypingStart => (conn.typing(true).await, None),
-        ClientFrame::TypingStop => (conn.typing(false).await, None),
+        typing @ (ClientFrame::TypingStart | ClientFrame::TypingStop) => {
+            if settings
+                .limits
+                .as_ref()
+                .is_some_and(|limits| !limits.typing(conn.username.as_str()))
+            {
+                // Beyond the typing limit events are dropped silently.
+                return Step::Continue;
+            }
+            let on = matches!(typing, ClientFrame::TypingStart);
+            (conn.typing(on).await, None)
+        }
     };
     let frame = match result {
         Ok(()) => return Step::Continue,

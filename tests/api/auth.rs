@@ -1225,7 +1225,8 @@ async fn bodies_are_bounded_and_compressed_bodies_refused() {
         None,
         &[
             ("CHATGATE_SERVER__MAX_BODY_BYTES", "8192"),
-            ("CHATGATE_CHAT__MAX_MEDIA_BYTES", "4096"),
+            ("CHATGATE_CHAT__MAX_IMAGE_BYTES", "3000"),
+            ("CHATGATE_CHAT__MAX_AUDIO_BYTES", "3000"),
             ("CHATGATE_CHAT__MAX_TEXT_BYTES", "1024"),
             ("CHATGATE_SERVER__REQUEST_TIMEOUT_SECS", "1"),
         ],
@@ -1274,11 +1275,11 @@ async fn a_panicking_handler_is_a_500_and_the_server_keeps_serving() {
     let router = Router::new()
         .route("/boom", get(boom))
         .route("/fine", get(|| async { "fine" }));
-    let router = chatgate::http::middleware::apply(router, &config);
+    let router = chatgate::http::middleware::apply(router, &config, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    let http = reqwest::Client::new();
+    let http = crate::helpers::http_client();
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
     let response = http.get(url("/boom")).send().await.unwrap();
     assert_eq!(response.status(), 500);
@@ -1346,7 +1347,7 @@ async fn tokens_and_secrets_never_reach_the_logs() {
         "exp",
         json!(now() - 3600),
     ));
-    let http = reqwest::Client::new();
+    let http = crate::helpers::http_client();
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
     // Accepted and refused tokens, in the header and in the query string.
     for token in [&good, &expired] {

@@ -20,6 +20,12 @@ use tokio_util::sync::CancellationToken;
 /// Longest wait for any single expected event; a guard against hangs, not a timing claim.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// An HTTP client (with the process's TLS provider installed first, as chatgate does).
+pub fn http_client() -> reqwest::Client {
+    chatgate::install_tls_provider();
+    reqwest::Client::new()
+}
+
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -123,9 +129,11 @@ pub fn secure_config(redis: Option<&RedisServer>, vars: &[(&str, &str)]) -> Conf
 }
 
 fn load_config(dev: bool, redis: Option<&RedisServer>, vars: &[(&str, &str)]) -> Config {
+    // Limits are off unless a test turns them on: most tests send faster than a person.
     let mut all: Vec<(String, String)> = vec![
         ("CHATGATE_SERVER__HOST".into(), "127.0.0.1".into()),
         ("CHATGATE_SERVER__PORT".into(), "0".into()),
+        ("CHATGATE_LIMITS__ENABLED".into(), "false".into()),
     ];
     if let Some(redis) = redis {
         all.push(("CHATGATE_REDIS__URL".into(), redis.url()));
@@ -166,7 +174,7 @@ impl TestApp {
         });
         Self {
             port,
-            http: reqwest::Client::new(),
+            http: crate::helpers::http_client(),
             shutdown,
             task: Some(task),
         }
@@ -416,7 +424,7 @@ impl Process {
             .spawn()
             .expect("chatgate binary runs");
         let process = Self { child, port };
-        let http = reqwest::Client::new();
+        let http = crate::helpers::http_client();
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let ready = http

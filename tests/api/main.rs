@@ -8,6 +8,7 @@ mod auth;
 mod faults;
 mod helpers;
 mod lifecycle;
+mod limits;
 mod replicas;
 mod rest;
 mod store;

@@ -211,7 +211,8 @@ async fn post_validation_uses_the_error_shape() {
 #[tokio::test]
 async fn oversized_bodies_are_413() {
     let app = memory_app().await;
-    let huge = "a".repeat(2 * 1024 * 1024);
+    // Larger than the derived body limit (the longest valid audio data URL and room).
+    let huge = "a".repeat(16 * 1024 * 1024);
     let (status, _) = app
         .post(
             "/api/chat/message",

@@ -245,7 +245,15 @@ async fn presence_survives_past_its_ttl_while_connected() {
 
 #[tokio::test]
 async fn no_half_dead_sockets() {
-    let app = TestApp::spawn(None, &[("CHATGATE_WS__MAX_MESSAGE_BYTES", "1100000")]).await;
+    let app = TestApp::spawn(
+        None,
+        &[
+            ("CHATGATE_WS__MAX_MESSAGE_BYTES", "1100000"),
+            ("CHATGATE_CHAT__MAX_IMAGE_BYTES", "500000"),
+            ("CHATGATE_CHAT__MAX_AUDIO_BYTES", "500000"),
+        ],
+    )
+    .await;
     let mut peer = app.ws("peer", "general").await;
     let mut client = app.ws("client", "general").await;
     assert_eq!(peer.next().await["type"], "user_joined");

@@ -101,7 +101,31 @@ REDIS_URL
 {{- end }}
 {{- end }}
 
-{{- define "chatgate.auth.secretName" -}}
+{{/*
+Auth key sources. Each helper prints "true" or nothing.
+  hmac: an HMAC secret from a Secret (chart-created or existing), passed as
+        CHATGATE_AUTH__HMAC_SECRET from a secretKeyRef;
+  pem:  PEM public keys from a ConfigMap (chart-created from
+        auth.jwt.publicKeys) or an existing Secret/ConfigMap, mounted
+        read-only and listed in CHATGATE_AUTH__PUBLIC_KEY_FILES;
+  jwks: config.auth.jwks_url.
+They are only used while auth.enabled is true.
+*/}}
+{{- define "chatgate.auth.hmac" -}}
+{{- if and .Values.auth.enabled (or .Values.auth.jwt.hmacSecret .Values.auth.jwt.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{- define "chatgate.auth.pem" -}}
+{{- $from := .Values.auth.jwt.publicKeysFrom }}
+{{- if and .Values.auth.enabled (or .Values.auth.jwt.publicKeys $from.secretName $from.configMapName) }}true{{ end }}
+{{- end }}
+
+{{- define "chatgate.auth.jwksUrl" -}}
+{{- if .Values.auth.enabled }}{{ (.Values.config.auth | default dict).jwks_url | default "" }}{{ end }}
+{{- end }}
+
+{{/* The Secret and key of the HMAC secret. */}}
+{{- define "chatgate.auth.hmacSecretName" -}}
 {{- if .Values.auth.jwt.existingSecret }}
 {{- .Values.auth.jwt.existingSecret }}
 {{- else }}
@@ -109,9 +133,40 @@ REDIS_URL
 {{- end }}
 {{- end }}
 
-{{/* Whether the chart mounts JWT key material (auth on). */}}
-{{- define "chatgate.auth.mountKeys" -}}
-{{- if and .Values.auth.enabled (or .Values.auth.jwt.existingSecret .Values.auth.jwt.secret .Values.auth.jwt.publicKeys) }}true{{ end }}
+{{- define "chatgate.auth.hmacSecretKey" -}}
+{{- if .Values.auth.jwt.existingSecret }}
+{{- .Values.auth.jwt.existingSecretKey }}
+{{- else -}}
+hmac-secret
+{{- end }}
+{{- end }}
+
+{{/* The file names (keys) of the PEM public keys, as a JSON list. */}}
+{{- define "chatgate.auth.pemKeys" -}}
+{{- if .Values.auth.jwt.publicKeys }}
+{{- keys .Values.auth.jwt.publicKeys | sortAlpha | toJson }}
+{{- else }}
+{{- .Values.auth.jwt.publicKeysFrom.keys | default list | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* CHATGATE_AUTH__PUBLIC_KEY_FILES: the mounted files, comma-separated. */}}
+{{- define "chatgate.auth.publicKeyFiles" -}}
+{{- $dir := trimSuffix "/" .Values.auth.jwt.mountPath }}
+{{- $files := list }}
+{{- range (include "chatgate.auth.pemKeys" . | fromJsonArray) }}
+{{- $files = append $files (printf "%s/%s" $dir .) }}
+{{- end }}
+{{- join "," $files }}
+{{- end }}
+
+{{/*
+The port of config.auth.jwks_url: explicit, or 443 (https) / 80 (http).
+*/}}
+{{- define "chatgate.auth.jwksPort" -}}
+{{- $url := urlParse (include "chatgate.auth.jwksUrl" .) }}
+{{- $port := regexFind ":[0-9]+$" $url.host | trimPrefix ":" }}
+{{- if $port }}{{ $port }}{{ else if eq $url.scheme "http" }}80{{ else }}443{{ end }}
 {{- end }}
 
 {{/*
@@ -132,6 +187,29 @@ too low.
 {{- fail (printf "terminationGracePeriodSeconds=%d is too short: it must be at least lifecycle.preStopSleepSeconds (%d) + config.server.shutdown_grace_secs (%d) + 5 = %d, or the kubelet kills pods before their WebSockets have drained" $set $preStop $grace $minimum) }}
 {{- end }}
 {{- $set }}
+{{- end }}
+{{- end }}
+
+{{/*
+server.max_body_bytes as chatgate uses it. 0 means derived, as chatgate
+derives it: the longest valid data URL ("data:" + the longest allowed MIME
+type, 10 characters for images and 11 for audio, + ";base64," + the base64
+of chat.max_image_bytes / max_audio_bytes) or 6 x chat.max_text_bytes,
+whichever is larger, plus 16 KiB for the JSON around it. Keep in step with
+chatgate's derive_sizes.
+*/}}
+{{- define "chatgate.maxBodyBytes" -}}
+{{- $set := int64 (.Values.config.server.max_body_bytes | default 0) }}
+{{- if gt $set 0 }}
+{{- $set }}
+{{- else }}
+{{- $chat := .Values.config.chat | default dict }}
+{{- $image := int64 (get $chat "max_image_bytes" | default 5242880) }}
+{{- $audio := int64 (get $chat "max_audio_bytes" | default 10485760) }}
+{{- $text := int64 (get $chat "max_text_bytes" | default 4096) }}
+{{- $imageUrl := add 23 (mul (div (add $image 2) 3) 4) }}
+{{- $audioUrl := add 24 (mul (div (add $audio 2) 3) 4) }}
+{{- max $imageUrl $audioUrl (mul $text 6) | add 16384 }}
 {{- end }}
 {{- end }}
 
@@ -161,19 +239,34 @@ valid TOML basic string.
 {{- end }}
 
 {{/*
-The configuration file: values.config, section by section, plus the auth
-decision. Keys are sorted, so the file (and its checksum) is stable.
+The configuration file: values.config, section by section, with
+auth.enabled from .Values.auth.enabled. Keys are sorted, so the file (and
+its checksum) is stable. The HMAC secret and the PEM key file list reach the
+pod as environment variables (see the Deployment), never through this file.
 */}}
 {{- define "chatgate.configToml" -}}
 # chatgate configuration rendered by the Helm chart from values.config.
 # Keys and meanings: config/default.toml in the chatgate project.
-# Secrets (the Redis URL, JWT keys) are never written here.
-{{- range $section, $body := .Values.config }}
+# Secrets (the Redis URL, the HMAC secret) are never written here.
+{{- $config := deepCopy .Values.config }}
+{{- $auth := get $config "auth" | default dict }}
+{{- if not (kindIs "map" $auth) }}
+{{- fail "config.auth must be a map of keys (an [auth] section)" }}
+{{- end }}
+{{- if hasKey $auth "enabled" }}
+{{- fail "config.auth.enabled is set by the chart: set auth.enabled (and auth.allowInsecureDisabled) instead" }}
+{{- end }}
+{{- if hasKey $auth "hmac_secret" }}
+{{- fail "config.auth.hmac_secret would put the HMAC secret in a ConfigMap: use auth.jwt.existingSecret (or auth.jwt.hmacSecret), passed from a Secret as CHATGATE_AUTH__HMAC_SECRET" }}
+{{- end }}
+{{- if hasKey $auth "public_key_files" }}
+{{- fail "config.auth.public_key_files is set by the chart from the keys it mounts: use auth.jwt.publicKeys or auth.jwt.publicKeysFrom" }}
+{{- end }}
+{{- $_ := set $auth "enabled" .Values.auth.enabled }}
+{{- $_ = set $config "auth" $auth }}
+{{- range $section, $body := $config }}
 {{- if not (kindIs "map" $body) }}
 {{- fail (printf "config.%s must be a map of keys (a [%s] section)" $section $section) }}
-{{- end }}
-{{- if eq $section "auth" }}
-{{- fail "config.auth is set by the chart from auth.enabled: set auth.enabled (and auth.allowInsecureDisabled) instead" }}
 {{- end }}
 {{- if and (eq $section "redis") (hasKey $body "url") }}
 {{- fail "config.redis.url would put the Redis URL (and its password) in a ConfigMap: use redis.url or redis.existingSecret instead" }}
@@ -186,9 +279,6 @@ decision. Keys are sorted, so the file (and its checksum) is stable.
 {{- end }}
 {{- end }}
 {{- end }}
-
-[auth]
-enabled = {{ ternary "true" "false" .Values.auth.enabled }}
 {{- end }}
 
 {{/*
@@ -199,9 +289,8 @@ Deployment, so every render runs them.
 {{- if and (not .Values.auth.enabled) (not .Values.auth.allowInsecureDisabled) }}
 {{- fail "auth.enabled=false lets anyone who reaches the service post as anyone. Set auth.allowInsecureDisabled=true to confirm that an authenticating proxy protects it" }}
 {{- end }}
-{{- if and .Values.auth.enabled (not (or .Values.auth.jwt.existingSecret .Values.auth.jwt.secret .Values.auth.jwt.publicKeys)) }}
-{{- fail "auth.enabled=true needs key material: set auth.jwt.existingSecret, auth.jwt.secret or auth.jwt.publicKeys. (The current chatgate build has no token verifier yet and refuses to start with auth enabled: until one ships, use auth.enabled=false with auth.allowInsecureDisabled=true behind an authenticating proxy.)" }}
-{{- end }}
+{{- include "chatgate.validateAuth" . }}
+{{- include "chatgate.validateCors" . }}
 {{- range .Values.extraArgs }}
 {{- if hasPrefix "--dev" (toString .) }}
 {{- fail "extraArgs: --dev (development mode: authentication off, CORS open) is never allowed in a cluster" }}
@@ -216,8 +305,8 @@ Deployment, so every render runs them.
 {{- if eq (len $parts) 2 }}
 {{- $section := index $parts 0 }}
 {{- $key := index $parts 1 }}
-{{- if or (eq $path "redis__url") (eq $path "auth__enabled") }}
-{{- fail (printf "extraEnv: %s is set by the chart (use redis.url / redis.existingSecret, or auth.enabled)" $name) }}
+{{- if or (eq $path "redis__url") (eq $path "auth__enabled") (eq $path "auth__hmac_secret") (eq $path "auth__public_key_files") }}
+{{- fail (printf "extraEnv: %s is set by the chart (use redis.url / redis.existingSecret, auth.enabled, auth.jwt.existingSecret / auth.jwt.hmacSecret, or auth.jwt.publicKeys / auth.jwt.publicKeysFrom)" $name) }}
 {{- end }}
 {{- $known = and (hasKey $.Values.config $section) (hasKey (index $.Values.config $section) $key) }}
 {{- end }}
@@ -260,4 +349,72 @@ Deployment, so every render runs them.
 {{- fail "admin.port must differ from config.server.port" }}
 {{- end }}
 {{- $_ := include "chatgate.terminationGracePeriodSeconds" . }}
+{{- end }}
+
+{{/*
+Auth checks: with auth on, at least one key source, and key sources that
+match config.auth.algorithms (chatgate refuses to start otherwise, and the
+pods would crash-loop).
+*/}}
+{{- define "chatgate.validateAuth" -}}
+{{- $jwt := .Values.auth.jwt }}
+{{- $from := $jwt.publicKeysFrom }}
+{{- if and $jwt.hmacSecret $jwt.existingSecret }}
+{{- fail "auth.jwt: set only one of hmacSecret and existingSecret" }}
+{{- end }}
+{{- $pemSources := 0 }}
+{{- if $jwt.publicKeys }}{{ $pemSources = add1 $pemSources }}{{ end }}
+{{- if $from.secretName }}{{ $pemSources = add1 $pemSources }}{{ end }}
+{{- if $from.configMapName }}{{ $pemSources = add1 $pemSources }}{{ end }}
+{{- if gt (int $pemSources) 1 }}
+{{- fail "auth.jwt: set only one of publicKeys, publicKeysFrom.secretName and publicKeysFrom.configMapName" }}
+{{- end }}
+{{- if and (or $from.secretName $from.configMapName) (not $from.keys) }}
+{{- fail "auth.jwt.publicKeysFrom.keys: list the keys of the Secret or ConfigMap to mount, one PEM public key each (the chart cannot read an existing object's keys when it renders)" }}
+{{- end }}
+{{- if and $from.keys (not (or $from.secretName $from.configMapName)) }}
+{{- fail "auth.jwt.publicKeysFrom.keys is set without publicKeysFrom.secretName or publicKeysFrom.configMapName" }}
+{{- end }}
+{{- range $name, $pem := $jwt.publicKeys }}
+{{- if contains "PRIVATE KEY" (toString $pem) }}
+{{- fail (printf "auth.jwt.publicKeys.%s is a PRIVATE key: give chatgate the public key only (openssl pkey -in key.pem -pubout)" $name) }}
+{{- end }}
+{{- if not (contains "PUBLIC KEY-----" (toString $pem)) }}
+{{- fail (printf "auth.jwt.publicKeys.%s is not a PEM public key (-----BEGIN PUBLIC KEY-----)" $name) }}
+{{- end }}
+{{- end }}
+{{- if .Values.auth.enabled }}
+{{- $hmac := include "chatgate.auth.hmac" . }}
+{{- $pem := include "chatgate.auth.pem" . }}
+{{- $jwks := include "chatgate.auth.jwksUrl" . }}
+{{- if not (or $hmac $pem $jwks) }}
+{{- fail "auth.enabled=true needs a key source to verify tokens, or chatgate refuses to start and the pods crash-loop. Set one of: config.auth.jwks_url (your issuer's JWKS); PEM public keys (auth.jwt.publicKeys, or auth.jwt.publicKeysFrom with an existing Secret or ConfigMap); an HMAC secret (auth.jwt.existingSecret or auth.jwt.hmacSecret, with config.auth.algorithms [HS256])" }}
+{{- end }}
+{{- $hs := list }}
+{{- $pk := list }}
+{{- range ((.Values.config.auth | default dict).algorithms | default list) }}
+{{- if hasPrefix "HS" (toString .) }}{{ $hs = append $hs . }}{{ else }}{{ $pk = append $pk . }}{{ end }}
+{{- end }}
+{{- if and $hmac (or $pem $jwks) }}
+{{- fail "auth: an HMAC secret (auth.jwt.hmacSecret / existingSecret) and public keys (config.auth.jwks_url, auth.jwt.publicKeys / publicKeysFrom) are both set. chatgate never mixes HS* with public-key algorithms (key confusion): keep one kind" }}
+{{- end }}
+{{- if and $hmac $pk }}
+{{- fail (printf "auth: the HMAC secret verifies HS256/HS384/HS512 tokens only, but config.auth.algorithms lists %s: set config.auth.algorithms to the HS* algorithm(s) your tokens use, e.g. [HS256]" (join ", " $pk)) }}
+{{- end }}
+{{- if and (or $pem $jwks) $hs }}
+{{- fail (printf "auth: config.auth.algorithms lists %s, which needs an HMAC secret, but the keys given are public keys (JWKS or PEM): list the public-key algorithms your issuer signs with, e.g. [RS256]" (join ", " $hs)) }}
+{{- end }}
+{{- if and $jwt.hmacSecret (lt (len $jwt.hmacSecret) 32) }}
+{{- fail (printf "auth.jwt.hmacSecret is %d bytes: it must be at least 32 (e.g. openssl rand -base64 48)" (len $jwt.hmacSecret)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* CORS: "*" is refused (chatgate refuses it too, at startup). */}}
+{{- define "chatgate.validateCors" -}}
+{{- range ((.Values.config.cors | default dict).allowed_origins | default list) }}
+{{- if eq (trim (toString .)) "*" }}
+{{- fail "config.cors.allowed_origins: \"*\" is refused (chatgate refuses it at startup): list the exact origins of your web apps, e.g. [https://chat.example.com]" }}
+{{- end }}
+{{- end }}
 {{- end }}
