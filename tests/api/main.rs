@@ -5,6 +5,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod auth;
+mod content;
 mod faults;
 mod helpers;
 mod lifecycle;
