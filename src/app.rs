@@ -106,6 +106,7 @@ impl Application {
         let limits = ChatLimits {
             history_default_limit: config.chat.history_default_limit,
             history_max_limit: config.chat.history_max_limit,
+            history_max_bytes: config.chat.history_max_bytes,
             max_text_bytes: config.chat.max_text_bytes,
             media: config.media_limits(),
             outbound_queue: config.ws.outbound_queue,

@@ -115,6 +115,7 @@ pub struct StoreConfig {
 pub struct ChatConfig {
     pub history_default_limit: usize,
     pub history_max_limit: usize,
+    pub history_max_bytes: usize,
     pub max_text_bytes: usize,
     pub max_image_bytes: usize,
     pub max_audio_bytes: usize,
@@ -453,6 +454,10 @@ impl Config {
         check(
             self.chat.max_text_bytes >= 1,
             "chat.max_text_bytes must be at least 1",
+        );
+        check(
+            self.chat.history_max_bytes >= 65536,
+            "chat.history_max_bytes must be at least 65536",
         );
         let media = crate::content::max_encoded_len(&self.media_limits());
         check(

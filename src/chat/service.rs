@@ -57,6 +57,8 @@ impl From<StoreError> for ChatError {
 pub struct ChatLimits {
     pub history_default_limit: usize,
     pub history_max_limit: usize,
+    /// Byte budget of one history answer (the newest messages that fit).
+    pub history_max_bytes: usize,
     pub max_text_bytes: usize,
     pub media: MediaLimits,
     /// Frames that may wait for one session.
@@ -262,7 +264,7 @@ impl ChatService {
         &self,
         channel: &ChannelName,
         limit: Option<i64>,
-    ) -> Result<Vec<ChatMessage>, ChatError> {
+    ) -> Result<(Vec<ChatMessage>, bool), ChatError> {
         let max = self.limits.history_max_limit;
         let limit = match limit {
             None => self.limits.history_default_limit,
@@ -275,8 +277,11 @@ impl ChatService {
                 .into());
             }
         };
-        let entries = self.store.history(channel, limit).await?;
-        Ok(entries
+        let (entries, truncated) = self
+            .store
+            .history(channel, limit, self.limits.history_max_bytes)
+            .await?;
+        let messages = entries
             .iter()
             .filter_map(|entry| match serde_json::from_str::<ChatMessage>(entry) {
                 Ok(message) => Some(message),
@@ -285,7 +290,8 @@ impl ChatService {
                     None
                 }
             })
-            .collect())
+            .collect();
+        Ok((messages, truncated))
     }
 
     /// # Errors
@@ -611,6 +617,7 @@ mod tests {
         ChatLimits {
             history_default_limit: 50,
             history_max_limit: 1000,
+            history_max_bytes: 1 << 20,
             max_text_bytes: 8,
             media: MediaLimits {
                 max_image_bytes: 64,

@@ -130,12 +130,17 @@ async fn list_history(
                 .map_err(|_| ApiError::bad_request("invalid_limit", "limit must be an integer"))?,
         ),
     };
-    let messages = state.chat.history(&channel, limit).await?;
-    Ok(Json(json!({
+    let (messages, truncated) = state.chat.history(&channel, limit).await?;
+    let mut body = json!({
         "messages": messages,
         "total_count": messages.len(),
         "channel": channel.as_str(),
-    })))
+    });
+    if truncated {
+        // Only when it applies, so answers keep the original's shape otherwise.
+        body["truncated"] = Value::Bool(true);
+    }
+    Ok(Json(body))
 }
 
 async fn list_online_users(

@@ -82,14 +82,30 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn history(&self, channel: &ChannelName, limit: usize) -> StoreResult<Vec<String>> {
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        limit: usize,
+        max_bytes: usize,
+    ) -> StoreResult<(Vec<String>, bool)> {
         let mut inner = self.lock();
         self.expire_history(&mut inner, now_ms());
-        Ok(inner
-            .history
-            .get(channel.as_str())
-            .map(|(list, _)| list.iter().take(limit).rev().cloned().collect())
-            .unwrap_or_default())
+        let Some((list, _)) = inner.history.get(channel.as_str()) else {
+            return Ok((Vec::new(), false));
+        };
+        let mut out: Vec<String> = Vec::new();
+        let mut used = 0;
+        let mut truncated = false;
+        for entry in list.iter().take(limit) {
+            if !out.is_empty() && used + entry.len() > max_bytes {
+                truncated = true;
+                break;
+            }
+            used += entry.len();
+            out.push(entry.clone());
+        }
+        out.reverse();
+        Ok((out, truncated))
     }
 
     async fn delete(

@@ -89,8 +89,15 @@ pub trait Store: Send + Sync + 'static {
     /// TTL refreshed), records the channel as active, and publishes `event`.
     async fn append(&self, channel: &ChannelName, entry: &str, event: &[u8]) -> StoreResult<()>;
 
-    /// The newest `limit` entries, oldest first (the original's order).
-    async fn history(&self, channel: &ChannelName, limit: usize) -> StoreResult<Vec<String>>;
+    /// The newest `limit` entries, oldest first (the original's order), cut to the newest
+    /// ones whose sizes add up to at most `max_bytes` (the newest entry always comes
+    /// back). The flag says whether the budget cut the answer short.
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        limit: usize,
+        max_bytes: usize,
+    ) -> StoreResult<(Vec<String>, bool)>;
 
     /// Removes the message with this id and publishes `event`, in one atomic step. With
     /// `owner`, only a message whose `sender` is `owner` is removed.

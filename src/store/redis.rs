@@ -16,8 +16,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
 
 use super::{
     Deleted, PresenceEntry, PresenceMember, RateOutcome, RateStore, Store, StoreError, StoreResult,
@@ -79,6 +79,33 @@ impl Keys {
 
 /// Milliseconds now, from Redis's clock. Shared prelude of the presence scripts.
 const NOW_MS: &str = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
+
+/// KEYS: history. ARGV: limit, byte budget. The newest entries, newest first, read a page
+/// at a time so that a channel of large media never has to come back whole; stops at
+/// `limit` entries or before the budget would be exceeded (the newest entry always comes
+/// back). Atomic, so concurrent appends cannot shift a page under it. Returns
+/// {truncated (0/1), entries}.
+const HISTORY: &str = r"
+local limit = tonumber(ARGV[1])
+local budget = tonumber(ARGV[2])
+local out = {}
+local used = 0
+local start = 0
+while #out < limit do
+  local stop = math.min(start + 15, limit - 1)
+  local items = redis.call('LRANGE', KEYS[1], start, stop)
+  if #items == 0 then break end
+  for _, item in ipairs(items) do
+    if #out > 0 and used + #item > budget then
+      return {1, out}
+    end
+    used = used + #item
+    out[#out + 1] = item
+  end
+  start = stop + 1
+end
+return {0, out}
+";
 
 /// KEYS: the budget. ARGV: emission interval in ms, burst. GCRA: the key holds the
 /// theoretical arrival time (TAT) in ms of Redis's clock, so replicas with skewed clocks
@@ -247,6 +274,7 @@ struct Scripts {
     online: Script,
     typing: Script,
     rate: Script,
+    history: Script,
 }
 
 impl Scripts {
@@ -260,6 +288,7 @@ impl Scripts {
             leave: timed(LEAVE),
             refresh: timed(REFRESH),
             rate: timed(RATE),
+            history: Script::new(HISTORY),
             online: timed(ONLINE),
             typing: Script::new(TYPING),
         }
@@ -366,15 +395,24 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn history(&self, channel: &ChannelName, limit: usize) -> StoreResult<Vec<String>> {
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        limit: usize,
+        max_bytes: usize,
+    ) -> StoreResult<(Vec<String>, bool)> {
         let mut conn = self.conn.clone();
-        let stop = limit.max(1) as isize - 1;
-        let mut entries: Vec<String> = conn
-            .lrange(self.keys.history(channel), 0, stop)
+        let (truncated, mut entries): (i64, Vec<String>) = self
+            .scripts
+            .history
+            .key(self.keys.history(channel))
+            .arg(limit.max(1))
+            .arg(max_bytes)
+            .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
         entries.reverse();
-        Ok(entries)
+        Ok((entries, truncated == 1))
     }
 
     async fn delete(

@@ -236,3 +236,29 @@ async fn malformed_media_is_refused_and_nothing_is_stored() {
     assert_eq!(echo["content"], png, "valid media is stored as sent");
     assert_eq!(app.history("media").await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_history_answer_is_bounded_in_bytes() {
+    let app = TestApp::spawn(None, &[("CHATGATE_CHAT__HISTORY_MAX_BYTES", "65536")]).await;
+    // Three valid 1x1 PNGs padded to 20,000 bytes (about 27 KB as data URLs).
+    let mut bytes = png_header(1, 1);
+    bytes.resize(20_000, 0);
+    let image = format!("data:image/png;base64,{}", STANDARD.encode(&bytes));
+    for _ in 0..3 {
+        let (status, body) = app
+            .post(
+                "/api/chat/message",
+                &json!({"sender": "a", "channel": "big", "content": image, "message_type": "image"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = app.get("/api/chat/history/big?limit=3").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["total_count"], 2, "only the newest two fit in 64 KiB");
+    assert_eq!(body["truncated"], true);
+    // Small answers keep the original's shape.
+    app.send("a", "small", "hi").await;
+    let (_, body) = app.get("/api/chat/history/small").await;
+    assert!(body.get("truncated").is_none(), "{body}");
+}

@@ -114,16 +114,38 @@ async fn conformance(store: Arc<dyn Store>, recorder: Arc<Recorder>) {
             .await
             .unwrap();
     }
-    let history = store.history(&c, 10).await.unwrap();
+    let all = 1 << 20;
+    let history = store.history(&c, 10, all).await.unwrap();
     assert_eq!(
         history,
-        (2..7).map(|i| entry(&format!("id{i}"))).collect::<Vec<_>>()
+        (
+            (2..7).map(|i| entry(&format!("id{i}"))).collect::<Vec<_>>(),
+            false
+        )
     );
     assert_eq!(
-        store.history(&c, 2).await.unwrap(),
-        [entry("id5"), entry("id6")]
+        store.history(&c, 2, all).await.unwrap(),
+        (vec![entry("id5"), entry("id6")], false)
     );
-    assert!(store.history(&ch("none"), 10).await.unwrap().is_empty());
+    // A byte budget keeps the newest entries that fit, and says it cut.
+    let two = entry("id5").len() + entry("id6").len();
+    assert_eq!(
+        store.history(&c, 10, two).await.unwrap(),
+        (vec![entry("id5"), entry("id6")], true)
+    );
+    // The newest entry comes back even when it alone is over the budget.
+    assert_eq!(
+        store.history(&c, 10, 1).await.unwrap(),
+        (vec![entry("id6")], true)
+    );
+    assert!(
+        store
+            .history(&ch("none"), 10, all)
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
     let events = recorder.take(7).await;
     assert!(
         events
@@ -167,7 +189,7 @@ async fn conformance(store: Arc<dyn Store>, recorder: Arc<Recorder>) {
             Deleted::NotFound
         );
     }
-    assert_eq!(store.history(&c, 10).await.unwrap().len(), 4);
+    assert_eq!(store.history(&c, 10, 1 << 20).await.unwrap().0.len(), 4);
     assert_eq!(
         store
             .delete(&ch("alpha"), &id("a"), None, &deleted)
