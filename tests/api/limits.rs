@@ -311,6 +311,12 @@ async fn the_rest_budget_is_per_client_ip_and_spoofing_changes_nothing() {
     }
     assert_eq!(statuses, [200, 200, 200, 429]);
     assert_eq!(channels_via(&app, "198.51.100.8").await, 200);
+    // IPv6 clients are counted by /64: a new address in the same /64 is the same client.
+    for i in 1..=3 {
+        assert_eq!(channels_via(&app, &format!("2001:db8:1:2::{i}")).await, 200);
+    }
+    assert_eq!(channels_via(&app, "2001:db8:1:2:ffff::9").await, 429);
+    assert_eq!(channels_via(&app, "2001:db8:1:3::1").await, 200);
     assert_eq!(
         channels_via(&app, "not-an-ip").await,
         200,
