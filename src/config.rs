@@ -367,6 +367,15 @@ impl Config {
                 config.dev = overrides.dev;
                 config.environment = environment;
                 config.warnings = warnings;
+                if config.auth.enabled
+                    && (config.auth.issuer.is_empty() || config.auth.audience.is_empty())
+                {
+                    config.warnings.push(
+                        "auth.issuer or auth.audience is not set: any token your keys verify is \
+                         accepted, including tokens the issuer made for other applications"
+                            .into(),
+                    );
+                }
                 Some(config)
             }
             Err(e) => {

@@ -16,6 +16,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Largest JWKS document accepted, in bytes.
 const MAX_JWKS_BYTES: usize = 1 << 20;
@@ -126,6 +127,12 @@ pub struct JwksSettings {
 /// The issuer's key set, cached and refreshed.
 pub struct Jwks {
     settings: JwksSettings,
+    /// The URL as logs show it: scheme, host and path, never user info or a query
+    /// (either could hold a credential).
+    log_url: String,
+    /// Fetches caused by unknown kids run here, so a client that hangs up mid-fetch
+    /// cannot cancel it (and leave the rate limit armed with no new keys).
+    tasks: TaskTracker,
     client: reqwest::Client,
     keys: RwLock<Arc<KeySet>>,
     /// When the last fetch caused by an unknown kid started; another such fetch waits
@@ -138,7 +145,7 @@ pub struct Jwks {
 impl Jwks {
     /// # Errors
     /// The HTTP client cannot be built (no TLS roots).
-    pub fn new(settings: JwksSettings) -> Result<Self, String> {
+    pub fn new(settings: JwksSettings, tasks: TaskTracker) -> Result<Self, String> {
         crate::install_tls_provider();
         let client = reqwest::Client::builder()
             .timeout(settings.timeout)
@@ -148,8 +155,21 @@ impl Jwks {
             .user_agent(concat!("chatgate/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("auth.jwks_url: cannot build the HTTP client: {e}"))?;
+        let log_url = reqwest::Url::parse(&settings.url).map_or_else(
+            |_| "(unparsable URL)".to_string(),
+            |u| {
+                format!(
+                    "{}://{}{}",
+                    u.scheme(),
+                    u.host_str().unwrap_or(""),
+                    u.path()
+                )
+            },
+        );
         Ok(Self {
             settings,
+            log_url,
+            tasks,
             client,
             keys: RwLock::new(Arc::new(KeySet::default())),
             last_miss: tokio::sync::Mutex::new(None),
@@ -182,7 +202,7 @@ impl Jwks {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         match self.fetch().await {
             Ok(set) => {
-                tracing::info!(keys = set.len(), url = %self.settings.url, "JWKS loaded");
+                tracing::info!(keys = set.len(), url = %self.log_url, "JWKS loaded");
                 *self
                     .keys
                     .write()
@@ -191,15 +211,16 @@ impl Jwks {
                 true
             }
             Err(e) => {
-                tracing::warn!(url = %self.settings.url, error = %e, "JWKS fetch failed; keeping the last good key set");
+                tracing::warn!(url = %self.log_url, error = %e, "JWKS fetch failed; keeping the last good key set");
                 false
             }
         }
     }
 
     /// A kid that is not in the current set: fetch again (at most once per
-    /// `min_refetch`, however many unknown kids arrive), then look again.
-    pub async fn find_after_miss(&self, kid: &str) -> Option<PublicKey> {
+    /// `min_refetch`, however many unknown kids arrive), then look again. The fetch runs
+    /// as its own task: concurrent misses wait for it, and none can cancel it.
+    pub async fn find_after_miss(self: &Arc<Self>, kid: &str) -> Option<PublicKey> {
         {
             let mut last = self.last_miss.lock().await;
             if let Some(key) = self.current().by_kid.get(kid) {
@@ -208,7 +229,8 @@ impl Jwks {
             }
             if last.is_none_or(|at| at.elapsed() >= self.settings.min_refetch) {
                 *last = Some(Instant::now());
-                self.refresh().await;
+                let jwks = self.clone();
+                let _ = self.tasks.spawn(async move { jwks.refresh().await }).await;
             }
         }
         self.current().by_kid.get(kid).cloned()
@@ -226,7 +248,11 @@ impl Jwks {
             return Err(format!("HTTP {}", response.status()));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| e.without_url().to_string())?
+        {
             if body.len() + chunk.len() > MAX_JWKS_BYTES {
                 return Err(format!("JWKS larger than {MAX_JWKS_BYTES} bytes"));
             }

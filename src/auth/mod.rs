@@ -179,12 +179,15 @@ impl Authenticator {
         let jwks = if config.jwks_url.is_empty() {
             None
         } else {
-            let jwks = Arc::new(Jwks::new(JwksSettings {
-                url: config.jwks_url.clone(),
-                refresh: Duration::from_secs(config.jwks_refresh_secs),
-                min_refetch: Duration::from_secs(config.jwks_min_refetch_secs),
-                timeout: Duration::from_millis(config.jwks_timeout_ms),
-            })?);
+            let jwks = Arc::new(Jwks::new(
+                JwksSettings {
+                    url: config.jwks_url.clone(),
+                    refresh: Duration::from_secs(config.jwks_refresh_secs),
+                    min_refetch: Duration::from_secs(config.jwks_min_refetch_secs),
+                    timeout: Duration::from_millis(config.jwks_timeout_ms),
+                },
+                tasks.clone(),
+            )?);
             jwks.refresh().await;
             tasks.spawn(jwks.clone().keep_fresh(stop));
             Some(jwks)
@@ -452,7 +455,9 @@ impl Authenticator {
             ChannelAccess::All
         } else {
             match claim(claims, &self.channels_claim) {
-                None => ChannelAccess::All,
+                // Configured but absent (an identity-provider mapper that leaves empty
+                // attributes out): no channel, rather than every channel.
+                None => ChannelAccess::Only(HashSet::new()),
                 Some(value) => {
                     let list = strings(Some(value));
                     if list.iter().any(|c| c == "*") {

@@ -209,9 +209,8 @@ async fn send_message(
         .map_err(unprocessable)?;
     caller.check_channel(&channel)?;
     let message_type = body.message_type.as_deref().unwrap_or("text");
-    let draft =
-        Draft::parse(body.content, message_type, state.chat.limits()).map_err(ChatError::from)?;
-    // The sender's message budget, shared with its WebSocket sends.
+    // The sender's message budget, shared with its WebSocket sends, before the content is
+    // checked: every attempt costs one, so invalid (and expensive) content is paced too.
     let verdict = match &state.limits {
         Some(limits) => {
             let verdict = limits.message(sender.as_str()).await;
@@ -222,6 +221,8 @@ async fn send_message(
         }
         None => None,
     };
+    let draft =
+        Draft::parse(body.content, message_type, state.chat.limits()).map_err(ChatError::from)?;
     let message = state.chat.send(&sender, &channel, draft, None).await?;
     Ok((
         verdict,

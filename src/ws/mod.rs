@@ -10,7 +10,7 @@ use axum::extract::{Query, RawQuery, State, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-use crate::auth::{Identity, SUBPROTOCOL, Surface};
+use crate::auth::{AuthError, Identity, SUBPROTOCOL, Surface};
 use crate::chat::model::{ChannelName, Username};
 use crate::error::{ApiError, AppResult};
 use crate::http::caller::{ClaimedUser, claimed_user};
@@ -61,6 +61,12 @@ pub async fn connect_chat(
                 Err(e) => Err(e),
             };
             match verified {
+                // A token inside the leeway verifies, but a session on it would end at once.
+                Ok(identity) if identity.remaining().is_zero() => {
+                    return Err(ApiError::Unauthorized(AuthError::InvalidToken(
+                        "token expired",
+                    )));
+                }
                 Ok(identity) => Some(identity),
                 Err(e) => {
                     tracing::warn!(reason = %e, code = e.code(), %client_ip, "WebSocket refused: authentication failed");

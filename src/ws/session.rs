@@ -35,6 +35,10 @@ pub mod close_code {
     /// Close reason used with [`POLICY`] for a client that keeps sending past its rate
     /// limit (`limits.ws_close_after_refused` refusals in a row).
     pub const RATE_LIMIT_REASON: &str = "rate limit exceeded";
+    /// Close reason used with [`POLICY`] for a client whose last
+    /// `limits.ws_close_after_refused` frames in a row were all refused, the last one as
+    /// invalid.
+    pub const INVALID_FRAMES_REASON: &str = "too many refused frames";
     /// Nothing heard from the client (not even a pong) within the heartbeat timeout.
     pub const HEARTBEAT_TIMEOUT: u16 = 4000;
 }
@@ -197,7 +201,7 @@ where
                 "unsupported_binary",
                 "binary frames are not supported; send JSON text frames",
             );
-            return send_frame(sink, &frame, settings).await;
+            return refuse(sink, frame, Refusal::Invalid, settings, refused).await;
         }
         // Pongs only prove liveness; pings are answered by the protocol layer.
         Message::Ping(_) | Message::Pong(_) => return Step::Continue,
@@ -209,7 +213,10 @@ where
     };
     let frame = match ClientFrame::parse(text.as_str()) {
         Ok(frame) => frame,
-        Err(e) => return send_frame(sink, &ServerFrame::error(e.code, e.detail), settings).await,
+        Err(e) => {
+            let frame = ServerFrame::error(e.code, e.detail);
+            return refuse(sink, frame, Refusal::Invalid, settings, refused).await;
+        }
     };
     let (result, client_id) = match frame {
         ClientFrame::Message {
@@ -217,27 +224,11 @@ where
             message_type,
             client_id,
         } => {
-            let draft = match Draft::parse(content, &message_type, conn.limits()) {
-                Ok(draft) => draft,
-                Err(e) => {
-                    let frame = ServerFrame::error(e.code, e.detail).for_client(client_id);
-                    return send_frame(sink, &frame, settings).await;
-                }
-            };
+            // The budget first: every attempt costs one, so invalid content (which can be
+            // expensive to check, like a large data URL) is paced like valid content.
             if let Some(limits) = &settings.limits {
                 let verdict = limits.message(conn.username.as_str()).await;
                 if !verdict.allowed {
-                    *refused += 1;
-                    if *refused >= limits.refusals_before_close {
-                        close(
-                            sink,
-                            close_code::POLICY,
-                            close_code::RATE_LIMIT_REASON,
-                            settings,
-                        )
-                        .await;
-                        return Step::Stop;
-                    }
                     let frame = ServerFrame::Error {
                         code: "rate_limited",
                         detail: "too many messages: wait retry_after_ms before sending again"
@@ -249,10 +240,18 @@ where
                         ),
                         client_id: None,
                     };
-                    return send_frame(sink, &frame.for_client(client_id), settings).await;
+                    let frame = frame.for_client(client_id);
+                    return refuse(sink, frame, Refusal::RateLimited, settings, refused).await;
                 }
-                *refused = 0;
             }
+            let draft = match Draft::parse(content, &message_type, conn.limits()) {
+                Ok(draft) => draft,
+                Err(e) => {
+                    let frame = ServerFrame::error(e.code, e.detail).for_client(client_id);
+                    return refuse(sink, frame, Refusal::Invalid, settings, refused).await;
+                }
+            };
+            *refused = 0;
             (
                 conn.send(draft, client_id.as_deref()).await.map(drop),
                 client_id,
@@ -287,6 +286,38 @@ where
         }
     };
     send_frame(sink, &frame.for_client(client_id), settings).await
+}
+
+/// Why a frame was refused, for the close reason when refusals pile up.
+enum Refusal {
+    RateLimited,
+    Invalid,
+}
+
+/// Answers a refused frame with `frame`; with limits on, `limits.ws_close_after_refused`
+/// refusals in a row (rate-limited or invalid frames alike) close the socket with 1008.
+async fn refuse<S>(
+    sink: &mut S,
+    frame: ServerFrame,
+    why: Refusal,
+    settings: &SessionSettings,
+    refused: &mut u32,
+) -> Step
+where
+    S: Sink<Message, Error = Error> + Unpin,
+{
+    if let Some(limits) = &settings.limits {
+        *refused += 1;
+        if *refused >= limits.refusals_before_close {
+            let reason = match why {
+                Refusal::RateLimited => close_code::RATE_LIMIT_REASON,
+                Refusal::Invalid => close_code::INVALID_FRAMES_REASON,
+            };
+            close(sink, close_code::POLICY, reason, settings).await;
+            return Step::Stop;
+        }
+    }
+    send_frame(sink, &frame, settings).await
 }
 
 /// Writes `first` and whatever else is queued (up to [`WRITE_BATCH`] frames), then

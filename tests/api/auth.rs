@@ -943,7 +943,16 @@ async fn a_channel_claim_restricts_joins_posts_and_reads() {
         .await
         .unwrap();
     assert_eq!(channels["channels"], json!(["support"]));
+    // With the claim configured, a token without it gets no channel (an identity
+    // provider that leaves an empty attribute out must not grant everything).
     let channels: Value = get(&unclaimed, "/api/chat/channels")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(channels["channels"], json!([]));
+    let channels: Value = get(&everything, "/api/chat/channels")
         .await
         .unwrap()
         .json()
@@ -1085,6 +1094,23 @@ async fn foreign_origins_are_refused_before_the_upgrade() {
 #[tokio::test]
 async fn a_session_ends_when_its_token_expires() {
     let (_jwks, app) = standard_app().await;
+    // Expired but inside the leeway: REST accepts it, the WebSocket does not open a
+    // session that would end at once.
+    let stale = kit()
+        .es256
+        .sign(&with(claims("alice"), "exp", json!(now() - 3)));
+    assert_eq!(rest_status(&app, &stale).await, 200);
+    let protocols = format!("chatgate.v1, bearer.{stale}");
+    assert_eq!(
+        upgrade(
+            &app,
+            "channel=general",
+            &[("sec-websocket-protocol", &protocols)]
+        )
+        .await
+        .err(),
+        Some(401)
+    );
     let token = kit()
         .es256
         .sign(&with(claims("alice"), "exp", json!(now() + 2)));

@@ -356,3 +356,25 @@ async fn ratelimit_headers_can_be_turned_off() {
         "Retry-After is always sent"
     );
 }
+
+#[tokio::test]
+async fn a_socket_sending_only_garbage_is_closed_too() {
+    let app = TestApp::spawn(None, &limited(&[])).await;
+    let mut ws = app.ws("zed", "general").await;
+    for _ in 0..3 {
+        ws.send_text("not json").await;
+        assert_eq!(ws.next_of("error").await["code"], "invalid_json");
+    }
+    // A valid message resets the count...
+    ws.say("fine", "c-fine").await;
+    ws.next_of("message").await;
+    for _ in 0..3 {
+        ws.send_text("not json").await;
+        assert_eq!(ws.next_of("error").await["code"], "invalid_json");
+    }
+    // ...and the fourth refusal in a row closes the socket.
+    ws.send_text("not json").await;
+    let close = ws.closed().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008);
+    assert_eq!(close.reason.as_str(), "too many refused frames");
+}
