@@ -50,6 +50,9 @@ pub enum StartupError {
 
 pub struct Application {
     listener: TcpListener,
+    /// `/metrics` and `/healthz`, never exposed through the public port.
+    admin: Option<TcpListener>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
     state: AppState,
     /// Stops background tasks once sessions are gone.
     background: CancellationToken,
@@ -65,7 +68,7 @@ impl Application {
     /// Redis configured but unreachable within `redis.startup_timeout_secs`, or the
     /// address cannot be bound.
     pub async fn build(config: Config) -> Result<Self, StartupError> {
-        let replica = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let replica = config.instance_id.clone();
         let hub = Arc::new(Hub::new(replica.clone()));
         let shutdown = CancellationToken::new();
         let background = CancellationToken::new();
@@ -151,6 +154,17 @@ impl Application {
         let listener = bind(&addr)
             .await
             .map_err(|source| StartupError::Bind { addr, source })?;
+        let metrics = crate::metrics::install();
+        let admin = if config.admin.enabled {
+            let addr = format!("{}:{}", config.admin.host, config.admin.port);
+            Some(
+                bind(&addr)
+                    .await
+                    .map_err(|source| StartupError::Bind { addr, source })?,
+            )
+        } else {
+            None
+        };
         let state = AppState::new(Inner {
             config: Arc::new(config),
             chat,
@@ -163,6 +177,8 @@ impl Application {
         });
         Ok(Self {
             listener,
+            admin,
+            metrics,
             state,
             background,
             background_tasks,
@@ -173,6 +189,14 @@ impl Application {
     /// The bound port (useful with port 0).
     pub fn port(&self) -> u16 {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The bound admin port, when the admin listener is on.
+    pub fn admin_port(&self) -> Option<u16> {
+        self.admin
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
     }
 
     /// Cancel it to start the drain (what SIGTERM does).
@@ -194,6 +218,8 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let Self {
             listener,
+            admin,
+            metrics,
             state,
             background,
             background_tasks,
@@ -207,6 +233,11 @@ impl Application {
             state.limits.clone(),
         );
         tracing::info!(addr = %listener.local_addr()?, "listening");
+        if let Some(admin) = admin {
+            tracing::info!(addr = %admin.local_addr()?, "admin listening (/metrics)");
+            let hub = state.chat.hub().clone();
+            background_tasks.spawn(serve_admin(admin, metrics, hub, background.clone()));
+        }
         // No Nagle: chat frames are small and latency-bound (Nagle with delayed ACKs
         // added ~40 ms to deliveries).
         let listener = listener.tap_io(|tcp| {
@@ -237,6 +268,61 @@ impl Application {
         let _ = tokio::time::timeout(BACKGROUND_STOP, background_tasks.wait()).await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Seconds between two passes of the Prometheus recorder's upkeep (histogram buckets).
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// The admin listener: `GET /metrics` and `GET /healthz`, until `stop` (it outlives the
+/// drain, so the drain itself can be watched).
+async fn serve_admin(
+    listener: TcpListener,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    hub: Arc<Hub>,
+    stop: CancellationToken,
+) {
+    use axum::routing::get;
+    let render = metrics.clone();
+    let router = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let render = render.clone();
+                let stats = &hub.stats;
+                crate::metrics::hub_totals(
+                    stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
+                    stats
+                        .dropped_ephemeral
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                );
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        render.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }));
+    let upkeep = async {
+        let mut tick = tokio::time::interval(METRICS_UPKEEP);
+        loop {
+            tick.tick().await;
+            metrics.run_upkeep();
+        }
+    };
+    let serve = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
+    tokio::select! {
+        result = serve => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        }
+        () = upkeep => {}
     }
 }
 

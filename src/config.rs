@@ -36,6 +36,8 @@ pub struct Config {
     pub cors: CorsConfig,
     pub limits: LimitsConfig,
     pub web: WebConfig,
+    pub admin: AdminConfig,
+    pub telemetry: TelemetryConfig,
     pub log: LogConfig,
     /// `--dev`: auth off, CORS open, readable logs, in-memory store when no Redis is set.
     #[serde(skip)]
@@ -46,6 +48,10 @@ pub struct Config {
     /// Things worth telling the operator that do not stop startup (logged by `main`).
     #[serde(skip)]
     pub warnings: Vec<String>,
+    /// This process's id: the bus origin of its connections and `service.instance.id`
+    /// of its spans. New on every start.
+    #[serde(skip)]
+    pub instance_id: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -216,6 +222,23 @@ pub struct LimitsConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub otlp_endpoint: String,
+    pub otlp_protocol: String,
+    pub service_name: String,
+    pub sample_ratio: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WebConfig {
     pub enabled: bool,
 }
@@ -364,6 +387,7 @@ impl Config {
         let config = match Config::deserialize(Value::Table(merged)) {
             Ok(mut config) => {
                 config.derive_sizes();
+                config.instance_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
                 config.dev = overrides.dev;
                 config.environment = environment;
                 config.warnings = warnings;
@@ -463,6 +487,23 @@ impl Config {
         check(
             self.chat.max_text_bytes >= 1,
             "chat.max_text_bytes must be at least 1",
+        );
+        check(
+            matches!(
+                self.telemetry.otlp_protocol.as_str(),
+                "grpc" | "http/protobuf"
+            ),
+            "telemetry.otlp_protocol must be \"grpc\" or \"http/protobuf\"",
+        );
+        check(
+            (0.0..=1.0).contains(&self.telemetry.sample_ratio),
+            "telemetry.sample_ratio must be between 0 and 1",
+        );
+        check(
+            self.telemetry.otlp_endpoint.is_empty()
+                || self.telemetry.otlp_endpoint.starts_with("http://")
+                || self.telemetry.otlp_endpoint.starts_with("https://"),
+            "telemetry.otlp_endpoint must be an http(s):// URL",
         );
         check(
             self.chat.history_max_bytes >= 65536,
@@ -747,6 +788,26 @@ fn apply_seed_vars(vars: &[(String, String)], merged: &mut Table, problems: &mut
             "url",
             Value::String(format!("redis://{host}:{port}/{db}")),
         );
+    }
+    // The OpenTelemetry SDK's standard variables.
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "otlp_endpoint"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "otlp_endpoint"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "otlp_protocol"),
+        ("OTEL_SERVICE_NAME", "service_name"),
+    ];
+    for (name, key) in otel.iter().rev() {
+        if let Some(value) = var(name).filter(|v| !v.is_empty()) {
+            set(merged, "telemetry", key, Value::String(value.into()));
+        }
+    }
+    if let Some(ratio) = var("OTEL_TRACES_SAMPLER_ARG") {
+        match ratio.parse::<f64>() {
+            Ok(r) => set(merged, "telemetry", "sample_ratio", Value::Float(r)),
+            Err(_) => problems.push(format!(
+                "OTEL_TRACES_SAMPLER_ARG: {ratio:?} is not a number"
+            )),
+        }
     }
     if let Some(host) = var("API_HOST") {
         set(merged, "server", "host", Value::String(host.into()));

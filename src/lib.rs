@@ -19,6 +19,7 @@ pub mod content;
 pub mod error;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod shutdown;
 pub mod state;
 pub mod store;

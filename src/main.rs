@@ -93,7 +93,21 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    chatgate::telemetry::init(config.log.format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("chatgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    chatgate::install_tls_provider();
+    let telemetry = match chatgate::telemetry::init(&config, &runtime) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("chatgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -104,14 +118,12 @@ fn main() -> ExitCode {
              as anyone and delete anything. Never expose this to a network you do not trust."
         );
     }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("chatgate: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
+    tracing::info!(
+        instance = %config.instance_id,
+        traces = telemetry.tracing(),
+        "starting"
+    );
+    let status = runtime.block_on(async move {
         let app = match Application::build(config).await {
             Ok(app) => app,
             Err(e) => {
@@ -130,7 +142,12 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Background tasks (the signal listener) end with the runtime; then the last spans
+    // are flushed, outside it.
+    drop(runtime);
+    telemetry.shutdown();
+    status
 }
 
 /// Every WebSocket is a file descriptor, and many container runtimes start processes with

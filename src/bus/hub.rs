@@ -245,6 +245,29 @@ impl Deliver for Hub {
                 return;
             }
         };
+        // A traced message: this replica's fan-out joins the sender's trace.
+        let span = match &envelope.trace {
+            Some(traceparent) => {
+                let span = tracing::debug_span!(
+                    "chat.deliver",
+                    channel,
+                    replica = %self.replica,
+                    members = members.len(),
+                );
+                crate::telemetry::set_remote_parent(&span, traceparent);
+                span
+            }
+            None => tracing::Span::none(),
+        };
+        let _in_span = span.enter();
+        if let Some(sent_ms) = envelope.sent_ms {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+            crate::metrics::pubsub_lag(std::time::Duration::from_millis(
+                now_ms.saturating_sub(sent_ms),
+            ));
+        }
         let frame = Bytes::copy_from_slice(envelope.frame.get().as_bytes());
         let origin_conn = envelope
             .origin

@@ -211,6 +211,7 @@ impl Subscriber {
         self.ready.store(true, Ordering::Release);
         if *connected_before {
             self.reconnects.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::pubsub_reconnected();
             self.sink.resync();
             tracing::info!(
                 channels = self.wanted.len(),

@@ -114,6 +114,13 @@ pub struct Envelope<'a> {
     /// joined, so the hub does not deliver them to it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub join: bool,
+    /// W3C `traceparent` of the span that published it (tracing on), so every replica's
+    /// delivery joins the sender's trace.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<Cow<'a, str>>,
+    /// Publication time, milliseconds since the epoch (for the pub/sub lag metric).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_ms: Option<u64>,
     #[serde(borrow)]
     pub frame: &'a RawValue,
 }
@@ -130,7 +137,37 @@ impl<'a> Envelope<'a> {
         client_id: Option<&str>,
         ephemeral: bool,
     ) -> Vec<u8> {
-        Self::build(&frame.to_json(), origin, echo, client_id, ephemeral, false)
+        Self::build(
+            &frame.to_json(),
+            origin,
+            echo,
+            client_id,
+            ephemeral,
+            false,
+            None,
+        )
+    }
+
+    /// [`Envelope::encode`] for a chat message: with the publishing span's trace context
+    /// (when tracing is on) and the publication time.
+    pub fn encode_traced(
+        frame: &ServerFrame,
+        origin: Option<Origin<'_>>,
+        client_id: Option<&str>,
+        traceparent: Option<&str>,
+    ) -> Vec<u8> {
+        let sent_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+        Self::build(
+            &frame.to_json(),
+            origin,
+            Echo::All,
+            client_id,
+            false,
+            false,
+            Some((traceparent, sent_ms)),
+        )
     }
 
     /// The `user_joined` a connection's join publishes when it is the user's first.
@@ -142,12 +179,13 @@ impl<'a> Envelope<'a> {
             None,
             false,
             true,
+            None,
         )
     }
 
     /// What a connection's join publishes otherwise: a marker delivered to nobody.
     pub fn join_marker(origin: Origin<'_>) -> Vec<u8> {
-        Self::build("{}", Some(origin), Echo::Nobody, None, false, true)
+        Self::build("{}", Some(origin), Echo::Nobody, None, false, true, None)
     }
 
     fn build(
@@ -157,6 +195,7 @@ impl<'a> Envelope<'a> {
         client_id: Option<&str>,
         ephemeral: bool,
         join: bool,
+        traced: Option<(Option<&str>, u64)>,
     ) -> Vec<u8> {
         let frame = RawValue::from_string(frame.to_string()).expect("frame is JSON");
         let envelope = Envelope {
@@ -166,6 +205,8 @@ impl<'a> Envelope<'a> {
             client_id: client_id.map(Cow::Borrowed),
             ephemeral,
             join,
+            trace: traced.and_then(|(trace, _)| trace).map(Cow::Borrowed),
+            sent_ms: traced.map(|(_, ms)| ms),
             frame: &frame,
         };
         serde_json::to_vec(&envelope).expect("envelopes always serialize")

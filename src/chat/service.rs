@@ -212,12 +212,12 @@ impl ChatService {
         };
         let entry = serde_json::to_string(&message).expect("messages serialize");
         let frame = ServerFrame::Message(message);
-        let event = Envelope::encode(
+        let traceparent = crate::telemetry::current_traceparent();
+        let event = Envelope::encode_traced(
             &frame,
             from.map(|(conn, _)| self.origin(conn)),
-            Echo::All,
             from.and_then(|(_, client_id)| client_id),
-            false,
+            traceparent.as_deref(),
         );
         self.store.append(channel, &entry, &event).await?;
         let ServerFrame::Message(message) = frame else {

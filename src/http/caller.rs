@@ -38,6 +38,7 @@ impl FromRequestParts<AppState> for Caller {
             Err(e) => {
                 let client_ip = parts.extensions.get::<ClientIp>().map(|ip| ip.0);
                 tracing::warn!(reason = %e, code = e.code(), client_ip = ?client_ip, "authentication failed");
+                crate::metrics::auth_rejected(e.code());
                 Err(ApiError::Unauthorized(e))
             }
         }

@@ -62,14 +62,25 @@ pub fn apply(router: Router, config: &Config, limits: Option<Arc<Limits>>) -> Ro
                         .extensions()
                         .get::<ClientIp>()
                         .map(|ip| tracing::field::display(ip.0));
-                    tracing::info_span!(
+                    let method = method_label(request.method());
+                    let span = tracing::info_span!(
                         "http",
-                        method = %request.method(),
+                        otel.name = format!("{method} {route}"),
+                        otel.kind = "server",
+                        method,
                         route,
                         request_id,
                         client_ip,
                         user = tracing::field::Empty,
-                    )
+                        status = tracing::field::Empty,
+                        trace_id = tracing::field::Empty,
+                    );
+                    // An incoming traceparent makes this request part of the caller's trace.
+                    crate::telemetry::set_parent_from_headers(&span, request.headers());
+                    if let Some(trace_id) = crate::telemetry::trace_id(&span) {
+                        span.record("trace_id", trace_id);
+                    }
+                    span
                 })
                 // 5xx are expected answers (503 while Redis is down, /readyz while draining);
                 // their causes are logged at ERROR by `log_error_cause` below.
@@ -77,6 +88,8 @@ pub fn apply(router: Router, config: &Config, limits: Option<Arc<Limits>>) -> Ro
         )
         // Return the request id to the client.
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        // Duration by route and status, and the status on the span.
+        .layer(middleware::from_fn(record_request))
         // Inside the span: write 5xx causes carried by ApiError responses.
         .layer(middleware::from_fn(log_error_cause))
         // Security headers on every response that did not set its own.
@@ -201,6 +214,7 @@ async fn rest_limit(
     let verdict = limits.rest(ip);
     if !verdict.allowed {
         tracing::warn!(client_ip = %ip, limit = "rest", "rate limited");
+        crate::metrics::rate_limited("rest");
         return ApiError::RateLimited(verdict).into_response();
     }
     let mut response = next.run(request).await;
@@ -227,5 +241,35 @@ async fn rate_headers(
     {
         crate::limits::write_headers(response.headers_mut(), &verdicts);
     }
+    response
+}
+
+/// The method as a metric label and span name part: the standard ones, or `other` (a
+/// client can send any token as a method; labels must stay a small fixed set).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+/// Records `chatgate_http_request_duration_seconds` and the status on the request span.
+async fn record_request(request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = method_label(request.method());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    tracing::Span::current().record("status", status);
+    crate::metrics::http_request(method, &route, status, started.elapsed());
     response
 }

@@ -10,6 +10,7 @@ use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::chat::model::{ChannelName, DEFAULT_CHANNEL, MessageId};
 use crate::chat::{ChatError, Draft};
@@ -209,21 +210,44 @@ async fn send_message(
         .map_err(unprocessable)?;
     caller.check_channel(&channel)?;
     let message_type = body.message_type.as_deref().unwrap_or("text");
-    // The sender's message budget, shared with its WebSocket sends, before the content is
-    // checked: every attempt costs one, so invalid (and expensive) content is paced too.
-    let verdict = match &state.limits {
-        Some(limits) => {
-            let verdict = limits.message(sender.as_str()).await;
-            if !verdict.allowed {
-                return Err(ApiError::RateLimited(verdict));
+    let span = tracing::debug_span!(
+        "chat.send",
+        transport = "rest",
+        channel = %channel,
+        message_type,
+        content_bytes = body.content.len(),
+    );
+    let (verdict, message) = async {
+        // The sender's message budget, shared with its WebSocket sends, before the
+        // content is checked: every attempt costs one, so invalid (and expensive) content
+        // is paced too.
+        let verdict = match &state.limits {
+            Some(limits) => {
+                let verdict = limits
+                    .message(sender.as_str())
+                    .instrument(tracing::debug_span!("ratelimit.check", limit = "messages"))
+                    .await;
+                if !verdict.allowed {
+                    crate::metrics::rate_limited("messages");
+                    crate::metrics::message_refused("rate_limited");
+                    return Err(ApiError::RateLimited(verdict));
+                }
+                Some(Extension(RateHeaders(vec![verdict])))
             }
-            Some(Extension(RateHeaders(vec![verdict])))
-        }
-        None => None,
-    };
-    let draft =
-        Draft::parse(body.content, message_type, state.chat.limits()).map_err(ChatError::from)?;
-    let message = state.chat.send(&sender, &channel, draft, None).await?;
+            None => None,
+        };
+        let draft = tracing::debug_span!("chat.validate")
+            .in_scope(|| Draft::parse(body.content, message_type, state.chat.limits()))
+            .map_err(|e| {
+                crate::metrics::message_refused(e.code);
+                ChatError::from(e)
+            })?;
+        let message = state.chat.send(&sender, &channel, draft, None).await?;
+        crate::metrics::message_received("rest");
+        Ok((verdict, message))
+    }
+    .instrument(span)
+    .await?;
     Ok((
         verdict,
         Json(json!({

@@ -308,6 +308,36 @@ fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError(e.to_string())
 }
 
+/// Times one store operation (one Redis round trip, or a few for the batched refresh)
+/// into `chatgate_redis_command_duration_seconds`, and counts its failures.
+struct Timer {
+    op: &'static str,
+    started: std::time::Instant,
+    failed: std::cell::Cell<bool>,
+}
+
+impl Timer {
+    fn start(op: &'static str) -> Self {
+        Self {
+            op,
+            started: std::time::Instant::now(),
+            failed: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Marks the operation failed and converts the error.
+    fn failed(&self, e: redis::RedisError) -> StoreError {
+        self.failed.set(true);
+        unavailable(e)
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        crate::metrics::redis_command(self.op, self.started.elapsed(), !self.failed.get());
+    }
+}
+
 /// Opens the multiplexed command connection (reconnects by itself, pipelines concurrent
 /// calls, bounded waits), retrying for `startup_timeout_secs` before giving up.
 ///
@@ -372,7 +402,9 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
+    #[tracing::instrument(level = "debug", name = "redis.append", skip_all, fields(db.system = "redis"))]
     async fn append(&self, channel: &ChannelName, entry: &str, event: &[u8]) -> StoreResult<()> {
+        let timer = Timer::start("append");
         let touch = self.needs_touch(channel);
         let mut conn = self.conn.clone();
         self.scripts
@@ -388,19 +420,21 @@ impl Store for RedisStore {
             .arg(if touch { "1" } else { "0" })
             .invoke_async::<i64>(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| timer.failed(e))?;
         if touch {
             self.touched(channel);
         }
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.history", skip_all, fields(db.system = "redis"))]
     async fn history(
         &self,
         channel: &ChannelName,
         limit: usize,
         max_bytes: usize,
     ) -> StoreResult<(Vec<String>, bool)> {
+        let timer = Timer::start("history");
         let mut conn = self.conn.clone();
         let (truncated, mut entries): (i64, Vec<String>) = self
             .scripts
@@ -410,11 +444,12 @@ impl Store for RedisStore {
             .arg(max_bytes)
             .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| timer.failed(e))?;
         entries.reverse();
         Ok((entries, truncated == 1))
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.delete", skip_all, fields(db.system = "redis"))]
     async fn delete(
         &self,
         channel: &ChannelName,
@@ -422,6 +457,7 @@ impl Store for RedisStore {
         owner: Option<&str>,
         event: &[u8],
     ) -> StoreResult<Deleted> {
+        let timer = Timer::start("delete");
         let mut conn = self.conn.clone();
         self.scripts
             .delete
@@ -439,10 +475,12 @@ impl Store for RedisStore {
                 2 => Deleted::NotOwner,
                 _ => Deleted::NotFound,
             })
-            .map_err(unavailable)
+            .map_err(|e| timer.failed(e))
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.channels", skip_all, fields(db.system = "redis"))]
     async fn channels(&self) -> StoreResult<Vec<String>> {
+        let timer = Timer::start("channels");
         let mut conn = self.conn.clone();
         let mut names: Vec<String> = self
             .scripts
@@ -451,11 +489,12 @@ impl Store for RedisStore {
             .arg(self.settings.history_ttl_secs)
             .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| timer.failed(e))?;
         names.sort();
         Ok(names)
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.join", skip_all, fields(db.system = "redis"))]
     async fn join(
         &self,
         channel: &ChannelName,
@@ -464,6 +503,7 @@ impl Store for RedisStore {
         joined: &[u8],
         marker: &[u8],
     ) -> StoreResult<bool> {
+        let timer = Timer::start("join");
         let mut conn = self.conn.clone();
         self.scripts
             .join
@@ -478,9 +518,10 @@ impl Store for RedisStore {
             .invoke_async::<i64>(&mut conn)
             .await
             .map(|n| n == 1)
-            .map_err(unavailable)
+            .map_err(|e| timer.failed(e))
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.leave", skip_all, fields(db.system = "redis"))]
     async fn leave(
         &self,
         channel: &ChannelName,
@@ -488,6 +529,7 @@ impl Store for RedisStore {
         conn_key: &str,
         event: &[u8],
     ) -> StoreResult<bool> {
+        let timer = Timer::start("leave");
         let mut conn = self.conn.clone();
         self.scripts
             .leave
@@ -500,14 +542,16 @@ impl Store for RedisStore {
             .invoke_async::<i64>(&mut conn)
             .await
             .map(|n| n == 1)
-            .map_err(unavailable)
+            .map_err(|e| timer.failed(e))
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.refresh", skip_all, fields(db.system = "redis"))]
     async fn refresh(
         &self,
         channel: &ChannelName,
         members: &[PresenceMember],
     ) -> StoreResult<Vec<usize>> {
+        let timer = Timer::start("refresh");
         let mut missing = Vec::new();
         for (batch_no, batch) in members.chunks(REFRESH_BATCH).enumerate() {
             let mut invocation = self.scripts.refresh.prepare_invoke();
@@ -522,13 +566,15 @@ impl Store for RedisStore {
             let lost: Vec<usize> = invocation
                 .invoke_async(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| timer.failed(e))?;
             missing.extend(lost.into_iter().map(|i| batch_no * REFRESH_BATCH + i));
         }
         Ok(missing)
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.online", skip_all, fields(db.system = "redis"))]
     async fn online(&self, channel: &ChannelName) -> StoreResult<Vec<PresenceEntry>> {
+        let timer = Timer::start("online");
         let mut conn = self.conn.clone();
         let pairs: Vec<(String, f64)> = self
             .scripts
@@ -536,7 +582,7 @@ impl Store for RedisStore {
             .key(self.keys.presence_users(channel))
             .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| timer.failed(e))?;
         let ttl = self.settings.presence_ttl_ms as i64;
         let mut entries: Vec<PresenceEntry> = pairs
             .into_iter()
@@ -549,6 +595,7 @@ impl Store for RedisStore {
         Ok(entries)
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.typing", skip_all, fields(db.system = "redis"))]
     async fn typing(
         &self,
         channel: &ChannelName,
@@ -556,6 +603,7 @@ impl Store for RedisStore {
         on: bool,
         event: &[u8],
     ) -> StoreResult<()> {
+        let timer = Timer::start("typing");
         let mut conn = self.conn.clone();
         self.scripts
             .typing
@@ -567,22 +615,26 @@ impl Store for RedisStore {
             .invoke_async::<i64>(&mut conn)
             .await
             .map(drop)
-            .map_err(unavailable)
+            .map_err(|e| timer.failed(e))
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.ping", skip_all, fields(db.system = "redis"))]
     async fn ping(&self) -> StoreResult<()> {
+        let timer = Timer::start("ping");
         let mut conn = self.conn.clone();
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
             .map(drop)
-            .map_err(unavailable)
+            .map_err(|e| timer.failed(e))
     }
 }
 
 #[async_trait]
 impl RateStore for RedisStore {
+    #[tracing::instrument(level = "debug", name = "redis.take", skip_all, fields(db.system = "redis"))]
     async fn take(&self, key: &str, emission: Duration, burst: u32) -> StoreResult<RateOutcome> {
+        let timer = Timer::start("take");
         let mut conn = self.conn.clone();
         let emission_ms = u64::try_from(emission.as_millis())
             .unwrap_or(u64::MAX)
@@ -595,7 +647,7 @@ impl RateStore for RedisStore {
             .arg(burst)
             .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| timer.failed(e))?;
         let ms = |v: i64| Duration::from_millis(u64::try_from(v).unwrap_or(0));
         Ok(RateOutcome {
             allowed: allowed == 1,

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use axum::extract::{Query, RawQuery, State, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use tracing::Instrument;
 
 use crate::auth::{AuthError, Identity, SUBPROTOCOL, Surface};
 use crate::chat::model::{ChannelName, Username};
@@ -35,6 +36,7 @@ pub async fn connect_chat(
     let client_ip = client_ip.map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.0);
     if let Err(reason) = state.origins.check(&headers) {
         tracing::warn!(reason, %client_ip, "WebSocket refused: origin");
+        crate::metrics::auth_rejected("origin_not_allowed");
         return Err(ApiError::forbidden("origin_not_allowed", reason));
     }
     // Per-IP rate and caps before the token is even looked at: verifying costs more than
@@ -45,10 +47,12 @@ pub async fn connect_chat(
             let verdict = limits.connect(client_ip);
             if !verdict.allowed {
                 tracing::warn!(%client_ip, limit = "connects", "WebSocket refused: rate limited");
+                crate::metrics::rate_limited("connects");
                 return Err(ApiError::RateLimited(verdict));
             }
             Some(limits.admit(client_ip).map_err(|refusal| {
                 tracing::warn!(%client_ip, ?refusal, "WebSocket refused: connection cap");
+                crate::metrics::rate_limited("connection_cap");
                 ApiError::TooManyConnections(refusal)
             })?)
         }
@@ -70,6 +74,7 @@ pub async fn connect_chat(
                 Ok(identity) => Some(identity),
                 Err(e) => {
                     tracing::warn!(reason = %e, code = e.code(), %client_ip, "WebSocket refused: authentication failed");
+                    crate::metrics::auth_rejected(e.code());
                     return Err(ApiError::Unauthorized(e));
                 }
             }
@@ -82,6 +87,7 @@ pub async fn connect_chat(
         .transpose()
         .map_err(|refusal| {
             tracing::warn!(%client_ip, ?refusal, "WebSocket refused: connection cap");
+            crate::metrics::rate_limited("connection_cap");
             ApiError::TooManyConnections(refusal)
         })?;
     let channel = match params.get("channel") {
@@ -109,6 +115,15 @@ pub async fn connect_chat(
     let shutdown = state.shutdown.clone();
     let alive = state.sessions.token();
     let expires_in = identity.as_ref().map(Identity::remaining);
+    let session_span = tracing::info_span!(
+        parent: None,
+        "ws.session",
+        channel = %connection.channel,
+        user = %connection.username,
+        client_ip = %client_ip,
+    );
+    // Follows from the upgrade request (whose trace the client may have started).
+    session_span.follows_from(tracing::Span::current());
     // Only chatgate.v1 can be selected: the token entry is never echoed back.
     Ok(ws
         .protocols([SUBPROTOCOL])
@@ -117,9 +132,15 @@ pub async fn connect_chat(
         .max_write_buffer_size(ws_config.max_write_buffer_bytes)
         .max_message_size(ws_config.max_message_bytes)
         .max_frame_size(ws_config.max_message_bytes)
-        .on_upgrade(move |socket| async move {
-            session::run(socket, connection, settings, shutdown, expires_in).await;
-            drop((alive, permit));
+        .on_upgrade(move |socket| {
+            crate::metrics::connection_opened();
+            async move {
+                let reason = session::run(socket, connection, settings, shutdown, expires_in)
+                    .instrument(session_span)
+                    .await;
+                crate::metrics::connection_closed(reason);
+                drop((alive, permit));
+            }
         }))
 }
 

@@ -15,6 +15,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::protocol::ClientFrame;
 use crate::chat::event::ServerFrame;
@@ -62,17 +63,20 @@ pub struct SessionSettings {
 
 enum Step {
     Continue,
-    Stop,
+    /// End the session, for this reason (the `reason` label of
+    /// `chatgate_connections_closed_total`).
+    Stop(&'static str),
 }
 
-/// Runs the session until it ends, then leaves the channel.
+/// Runs the session until it ends, then leaves the channel. Returns why it ended.
 pub async fn run<S>(
     socket: S,
     mut conn: Connection,
     settings: SessionSettings,
     shutdown: CancellationToken,
     expires_in: Option<Duration>,
-) where
+) -> &'static str
+where
     S: Stream<Item = Result<Message, Error>> + Sink<Message, Error = Error> + Unpin,
 {
     let (mut sink, mut stream) = socket.split();
@@ -96,13 +100,13 @@ pub async fn run<S>(
     let expiry = tokio::time::sleep(expires_in.unwrap_or(Duration::MAX / 4));
     tokio::pin!(expiry);
 
-    loop {
+    let reason = loop {
         // Not biased: inbound frames, outbound frames and timers get fair turns, so a
         // busy channel cannot starve a client's own sends (or the other way round).
         let step = tokio::select! {
             () = conn.kick.cancelled() => {
                 close(&mut sink, close_code::TRY_AGAIN_LATER, "too slow: read your messages faster", &settings).await;
-                Step::Stop
+                Step::Stop("too_slow")
             }
             () = shutdown.cancelled(), if !draining => {
                 draining = true;
@@ -117,7 +121,7 @@ pub async fn run<S>(
                     write_batch(&mut sink, &mut conn, first, &settings).await;
                 }
                 close(&mut sink, close_code::GOING_AWAY, "server shutting down, reconnect", &settings).await;
-                Step::Stop
+                Step::Stop("going_away")
             }
             () = &mut expiry => {
                 let frame = ServerFrame::error(
@@ -126,7 +130,7 @@ pub async fn run<S>(
                 );
                 let _ = send_frame(&mut sink, &frame, &settings).await;
                 close(&mut sink, close_code::POLICY, "token expired", &settings).await;
-                Step::Stop
+                Step::Stop("token_expired")
             }
             () = &mut flush, if held.is_some() => {
                 match held.take() {
@@ -145,35 +149,38 @@ pub async fn run<S>(
                     flush.as_mut().reset(Instant::now() + settings.write_delay);
                     Step::Continue
                 }
-                None => Step::Stop,
+                None => Step::Stop("error"),
             },
             inbound = stream.next() => {
                 last_heard = Instant::now();
                 match inbound {
-                    None => Step::Stop,
+                    None => Step::Stop("client_closed"),
                     Some(Ok(message)) => handle(&mut sink, &mut conn, message, &settings, &mut refused).await,
                     Some(Err(e)) => {
                         if is_too_big(e) {
                             close(&mut sink, close_code::TOO_BIG, "message too big", &settings).await;
+                            Step::Stop("too_big")
+                        } else {
+                            Step::Stop("error")
                         }
-                        Step::Stop
                     }
                 }
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() > settings.ping_interval + settings.pong_timeout {
                     close(&mut sink, close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout", &settings).await;
-                    Step::Stop
+                    Step::Stop("heartbeat_timeout")
                 } else {
                     send(&mut sink, Message::Ping(Default::default()), &settings).await
                 }
             }
         };
-        if matches!(step, Step::Stop) {
-            break;
+        if let Step::Stop(why) = step {
+            break why;
         }
-    }
+    };
     conn.close().await;
+    reason
 }
 
 fn is_too_big(error: Error) -> bool {
@@ -208,7 +215,7 @@ where
         Message::Close(_) => {
             // The protocol layer queued the close reply; write it before leaving.
             let _ = timeout(settings.write_timeout, sink.close()).await;
-            return Step::Stop;
+            return Step::Stop("client_closed");
         }
     };
     let frame = match ClientFrame::parse(text.as_str()) {
@@ -224,38 +231,37 @@ where
             message_type,
             client_id,
         } => {
-            // The budget first: every attempt costs one, so invalid content (which can be
-            // expensive to check, like a large data URL) is paced like valid content.
-            if let Some(limits) = &settings.limits {
-                let verdict = limits.message(conn.username.as_str()).await;
-                if !verdict.allowed {
-                    let frame = ServerFrame::Error {
-                        code: "rate_limited",
-                        detail: "too many messages: wait retry_after_ms before sending again"
-                            .into(),
-                        retry_after_ms: Some(
-                            u64::try_from(verdict.retry_after.as_millis())
-                                .unwrap_or(u64::MAX)
-                                .max(1),
-                        ),
-                        client_id: None,
-                    };
-                    let frame = frame.for_client(client_id);
-                    return refuse(sink, frame, Refusal::RateLimited, settings, refused).await;
-                }
-            }
-            let draft = match Draft::parse(content, &message_type, conn.limits()) {
-                Ok(draft) => draft,
-                Err(e) => {
-                    let frame = ServerFrame::error(e.code, e.detail).for_client(client_id);
-                    return refuse(sink, frame, Refusal::Invalid, settings, refused).await;
-                }
-            };
-            *refused = 0;
-            (
-                conn.send(draft, client_id.as_deref()).await.map(drop),
+            // Each message is a trace of its own (a session lives too long to be one).
+            let span = tracing::debug_span!(
+                parent: None,
+                "chat.send",
+                transport = "ws",
+                channel = %conn.channel,
+                message_type = %message_type,
+                content_bytes = content.len(),
+                outcome = tracing::field::Empty,
+            );
+            let sent = send_message(
+                sink,
+                conn,
+                content,
+                message_type,
                 client_id,
+                settings,
+                refused,
             )
+            .instrument(span.clone())
+            .await;
+            match sent {
+                Ok((result, client_id)) => {
+                    span.record("outcome", if result.is_ok() { "sent" } else { "failed" });
+                    if result.is_ok() {
+                        crate::metrics::message_received("ws");
+                    }
+                    (result, client_id)
+                }
+                Err(step) => return step,
+            }
         }
         typing @ (ClientFrame::TypingStart | ClientFrame::TypingStop) => {
             if settings
@@ -264,6 +270,7 @@ where
                 .is_some_and(|limits| !limits.typing(conn.username.as_str()))
             {
                 // Beyond the typing limit events are dropped silently.
+                crate::metrics::rate_limited("typing");
                 return Step::Continue;
             }
             let on = matches!(typing, ClientFrame::TypingStart);
@@ -286,6 +293,63 @@ where
         }
     };
     send_frame(sink, &frame.for_client(client_id), settings).await
+}
+
+/// A message frame: the sender's budget, then the content, then the store. `Err` when the
+/// frame was already answered (refused), with what the session does next.
+async fn send_message<S>(
+    sink: &mut S,
+    conn: &mut Connection,
+    content: String,
+    message_type: String,
+    client_id: Option<String>,
+    settings: &SessionSettings,
+    refused: &mut u32,
+) -> Result<(Result<(), ChatError>, Option<String>), Step>
+where
+    S: Sink<Message, Error = Error> + Unpin,
+{
+    // The budget first: every attempt costs one, so invalid content (which can be
+    // expensive to check, like a large data URL) is paced like valid content.
+    if let Some(limits) = &settings.limits {
+        let verdict = limits
+            .message(conn.username.as_str())
+            .instrument(tracing::debug_span!("ratelimit.check", limit = "messages"))
+            .await;
+        if !verdict.allowed {
+            crate::metrics::rate_limited("messages");
+            crate::metrics::message_refused("rate_limited");
+            tracing::Span::current().record("outcome", "rate_limited");
+            let frame = ServerFrame::Error {
+                code: "rate_limited",
+                detail: "too many messages: wait retry_after_ms before sending again".into(),
+                retry_after_ms: Some(
+                    u64::try_from(verdict.retry_after.as_millis())
+                        .unwrap_or(u64::MAX)
+                        .max(1),
+                ),
+                client_id: None,
+            };
+            let frame = frame.for_client(client_id);
+            return Err(refuse(sink, frame, Refusal::RateLimited, settings, refused).await);
+        }
+    }
+    let draft = tracing::debug_span!("chat.validate")
+        .in_scope(|| Draft::parse(content, &message_type, conn.limits()));
+    let draft = match draft {
+        Ok(draft) => draft,
+        Err(e) => {
+            crate::metrics::message_refused(e.code);
+            tracing::Span::current().record("outcome", e.code);
+            let frame = ServerFrame::error(e.code, e.detail).for_client(client_id);
+            return Err(refuse(sink, frame, Refusal::Invalid, settings, refused).await);
+        }
+    };
+    *refused = 0;
+    Ok((
+        conn.send(draft, client_id.as_deref()).await.map(drop),
+        client_id,
+    ))
 }
 
 /// Why a frame was refused, for the close reason when refusals pile up.
@@ -314,7 +378,7 @@ where
                 Refusal::Invalid => close_code::INVALID_FRAMES_REASON,
             };
             close(sink, close_code::POLICY, reason, settings).await;
-            return Step::Stop;
+            return Step::Stop("policy");
         }
     }
     send_frame(sink, &frame, settings).await
@@ -343,7 +407,7 @@ where
     };
     match timeout(settings.write_timeout, write).await {
         Ok(Ok(())) => Step::Continue,
-        _ => Step::Stop,
+        _ => Step::Stop("error"),
     }
 }
 
@@ -370,7 +434,7 @@ where
 {
     match timeout(settings.write_timeout, sink.send(message)).await {
         Ok(Ok(())) => Step::Continue,
-        _ => Step::Stop,
+        _ => Step::Stop("error"),
     }
 }
 

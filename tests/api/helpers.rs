@@ -134,6 +134,8 @@ fn load_config(dev: bool, redis: Option<&RedisServer>, vars: &[(&str, &str)]) ->
         ("CHATGATE_SERVER__HOST".into(), "127.0.0.1".into()),
         ("CHATGATE_SERVER__PORT".into(), "0".into()),
         ("CHATGATE_LIMITS__ENABLED".into(), "false".into()),
+        ("CHATGATE_ADMIN__HOST".into(), "127.0.0.1".into()),
+        ("CHATGATE_ADMIN__PORT".into(), "0".into()),
     ];
     if let Some(redis) = redis {
         all.push(("CHATGATE_REDIS__URL".into(), redis.url()));
@@ -155,6 +157,8 @@ fn load_config(dev: bool, redis: Option<&RedisServer>, vars: &[(&str, &str)]) ->
 /// The real application, serving on 127.0.0.1 and a free port, in this test's runtime.
 pub struct TestApp {
     pub port: u16,
+    /// The admin listener's port (`/metrics`).
+    pub admin_port: u16,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -168,12 +172,14 @@ impl TestApp {
     pub async fn spawn_with(config: Config) -> Self {
         let app = Application::build(config).await.expect("app builds");
         let port = app.port();
+        let admin_port = app.admin_port().unwrap_or(0);
         let shutdown = app.shutdown_token();
         let task = tokio::spawn(async move {
             app.run_until_stopped().await.expect("app runs");
         });
         Self {
             port,
+            admin_port,
             http: crate::helpers::http_client(),
             shutdown,
             task: Some(task),
@@ -418,6 +424,8 @@ impl Process {
             .arg(config_dir())
             .env("CHATGATE_SERVER__HOST", "127.0.0.1")
             .env("CHATGATE_SERVER__PORT", port.to_string())
+            .env("CHATGATE_ADMIN__HOST", "127.0.0.1")
+            .env("CHATGATE_ADMIN__PORT", "0")
             .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(output())
             .stderr(output())

@@ -13,4 +13,5 @@ mod limits;
 mod replicas;
 mod rest;
 mod store;
+mod telemetry;
 mod ws;

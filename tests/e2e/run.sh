@@ -102,7 +102,8 @@ start_replica() {
   shift 2
   (
     cd "$ROOT"
-    exec env REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" CHATGATE_STORE__BACKEND=redis "$@" \
+    exec env REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" CHATGATE_STORE__BACKEND=redis \
+      CHATGATE_ADMIN__HOST=127.0.0.1 CHATGATE_ADMIN__PORT=0 "$@" \
       "$BIN" --environment test --config-dir "$ROOT/config" --host 127.0.0.1 --port "$port"
   ) >"$LOGS/$name.log" 2>&1 &
   PIDS+=("$!")

@@ -1,0 +1,193 @@
+//! Prometheus metrics, served at `GET /metrics` on the admin listener.
+//!
+//! Every metric chatgate records goes through a function here, so names, labels and
+//! their value sets are in one place (docs/operations.md lists them). Labels take only
+//! fixed strings (route templates, reason codes), never user input: the number of series
+//! is bounded.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Seconds: 0.5 ms to 10 s, for HTTP and Redis latencies and pub/sub lag.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the process-wide recorder (once; later calls return the same handle).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .map(PrometheusBuilder::build_recorder)
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!("chatgate_connections", "Open WebSocket sessions.");
+    describe_counter!(
+        "chatgate_connections_opened_total",
+        "WebSocket sessions opened."
+    );
+    describe_counter!(
+        "chatgate_connections_closed_total",
+        "WebSocket sessions closed, by reason."
+    );
+    describe_counter!(
+        "chatgate_messages_received_total",
+        "Messages accepted (stored and published), by transport."
+    );
+    describe_counter!(
+        "chatgate_messages_refused_total",
+        "Messages refused (validation, rate limit, store unavailable), by reason."
+    );
+    describe_counter!(
+        "chatgate_frames_delivered_total",
+        "Frames queued for local WebSocket sessions."
+    );
+    describe_counter!(
+        "chatgate_frames_dropped_total",
+        "Frames dropped for slow sessions, by reason."
+    );
+    describe_counter!(
+        "chatgate_rate_limited_total",
+        "Requests, messages and connections refused by a limit, by limit."
+    );
+    describe_counter!(
+        "chatgate_auth_rejections_total",
+        "Requests and upgrades refused by authentication or the Origin check, by code."
+    );
+    describe_histogram!(
+        "chatgate_redis_command_duration_seconds",
+        Unit::Seconds,
+        "Redis command (script) latency, by operation."
+    );
+    describe_counter!(
+        "chatgate_redis_errors_total",
+        "Failed Redis commands, by operation."
+    );
+    describe_counter!(
+        "chatgate_pubsub_reconnects_total",
+        "Times the pub/sub subscriber reconnected to Redis."
+    );
+    describe_histogram!(
+        "chatgate_pubsub_lag_seconds",
+        Unit::Seconds,
+        "Time from a message's publication to its arrival at this replica."
+    );
+    describe_histogram!(
+        "chatgate_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request duration, by method, route template and status."
+    );
+    // Every labelled counter exists from the start at 0, so dashboards and rate() see a
+    // series before the first event.
+    for reason in CLOSE_REASONS {
+        counter!("chatgate_connections_closed_total", "reason" => *reason).absolute(0);
+    }
+    for transport in ["ws", "rest"] {
+        counter!("chatgate_messages_received_total", "transport" => transport).absolute(0);
+    }
+    for limit in ["messages", "typing", "connects", "rest", "connection_cap"] {
+        counter!("chatgate_rate_limited_total", "limit" => limit).absolute(0);
+    }
+    for code in [
+        "missing_token",
+        "invalid_token",
+        "invalid_request",
+        "auth_unavailable",
+        "origin_not_allowed",
+    ] {
+        counter!("chatgate_auth_rejections_total", "code" => code).absolute(0);
+    }
+    counter!("chatgate_pubsub_reconnects_total").absolute(0);
+    gauge!("chatgate_connections").set(0.0);
+}
+
+/// The `reason` values of `chatgate_connections_closed_total`.
+pub const CLOSE_REASONS: &[&str] = &[
+    "client_closed",
+    "going_away",
+    "too_slow",
+    "heartbeat_timeout",
+    "token_expired",
+    "policy",
+    "too_big",
+    "error",
+];
+
+pub fn connection_opened() {
+    counter!("chatgate_connections_opened_total").increment(1);
+    gauge!("chatgate_connections").increment(1.0);
+}
+
+pub fn connection_closed(reason: &'static str) {
+    counter!("chatgate_connections_closed_total", "reason" => reason).increment(1);
+    gauge!("chatgate_connections").decrement(1.0);
+}
+
+pub fn message_received(transport: &'static str) {
+    counter!("chatgate_messages_received_total", "transport" => transport).increment(1);
+}
+
+pub fn message_refused(reason: &'static str) {
+    counter!("chatgate_messages_refused_total", "reason" => reason).increment(1);
+}
+
+/// The hub's own counters (kept as plain atomics on the fan-out path), copied into the
+/// registry when `/metrics` is scraped.
+/// (Sessions closed for reading too slowly are `chatgate_connections_closed_total`
+/// with `reason="too_slow"`; the frames they leave queued are not counted.)
+pub fn hub_totals(delivered: u64, dropped_typing: u64) {
+    counter!("chatgate_frames_delivered_total").absolute(delivered);
+    counter!("chatgate_frames_dropped_total", "reason" => "typing_backpressure")
+        .absolute(dropped_typing);
+}
+
+pub fn rate_limited(limit: &'static str) {
+    counter!("chatgate_rate_limited_total", "limit" => limit).increment(1);
+}
+
+pub fn auth_rejected(code: &'static str) {
+    counter!("chatgate_auth_rejections_total", "code" => code).increment(1);
+}
+
+pub fn redis_command(op: &'static str, elapsed: Duration, ok: bool) {
+    histogram!("chatgate_redis_command_duration_seconds", "op" => op).record(elapsed.as_secs_f64());
+    if !ok {
+        counter!("chatgate_redis_errors_total", "op" => op).increment(1);
+    }
+}
+
+pub fn pubsub_reconnected() {
+    counter!("chatgate_pubsub_reconnects_total").increment(1);
+}
+
+pub fn pubsub_lag(lag: Duration) {
+    histogram!("chatgate_pubsub_lag_seconds").record(lag.as_secs_f64());
+}
+
+pub fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
+    histogram!(
+        "chatgate_http_request_duration_seconds",
+        "method" => method.to_string(),
+        "route" => route.to_string(),
+        "status" => status.to_string(),
+    )
+    .record(elapsed.as_secs_f64());
+}
