@@ -225,7 +225,12 @@ async fn send_message(
             Some(limits) => {
                 let verdict = limits
                     .message(sender.as_str())
-                    .instrument(tracing::debug_span!("ratelimit.check", limit = "messages"))
+                    .instrument(tracing::debug_span!(
+                        "ratelimit.check",
+                        limit = "messages",
+                        allowed = tracing::field::Empty,
+                        decided = tracing::field::Empty,
+                    ))
                     .await;
                 if !verdict.allowed {
                     crate::metrics::rate_limited("messages");

@@ -349,6 +349,9 @@ impl Limits {
             let take = shared.take(&key, policy.emission, policy.quota);
             match tokio::time::timeout(self.redis_timeout, take).await {
                 Ok(Ok(outcome)) => {
+                    let span = tracing::Span::current();
+                    span.record("allowed", outcome.allowed);
+                    span.record("decided", "shared");
                     return Verdict {
                         allowed: outcome.allowed,
                         remaining: outcome.remaining,
@@ -363,7 +366,11 @@ impl Limits {
                 Err(_) => tracing::warn!("shared rate limit timed out; deciding locally"),
             }
         }
-        self.messages.check(&user.to_string())
+        let verdict = self.messages.check(&user.to_string());
+        let span = tracing::Span::current();
+        span.record("allowed", verdict.allowed);
+        span.record("decided", "local");
+        verdict
     }
 
     /// Whether a typing event of `user` may go out (extra ones are dropped silently).

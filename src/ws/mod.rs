@@ -121,7 +121,11 @@ pub async fn connect_chat(
         channel = %connection.channel,
         user = %connection.username,
         client_ip = %client_ip,
+        trace_id = tracing::field::Empty,
     );
+    if let Some(trace_id) = crate::telemetry::trace_id(&session_span) {
+        session_span.record("trace_id", trace_id);
+    }
     // Follows from the upgrade request (whose trace the client may have started).
     session_span.follows_from(tracing::Span::current());
     // Only chatgate.v1 can be selected: the token entry is never echoed back.

@@ -314,7 +314,12 @@ where
     if let Some(limits) = &settings.limits {
         let verdict = limits
             .message(conn.username.as_str())
-            .instrument(tracing::debug_span!("ratelimit.check", limit = "messages"))
+            .instrument(tracing::debug_span!(
+                "ratelimit.check",
+                limit = "messages",
+                allowed = tracing::field::Empty,
+                decided = tracing::field::Empty,
+            ))
             .await;
         if !verdict.allowed {
             crate::metrics::rate_limited("messages");

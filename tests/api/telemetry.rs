@@ -226,10 +226,18 @@ async fn one_message_is_one_trace_across_two_replicas() {
         named(&spans, "redis.append").any(|s| s.parent_span_id == send.span_id),
         "redis.append is a child of chat.send"
     );
+    let check = named(&spans, "ratelimit.check")
+        .find(|s| s.parent_span_id == send.span_id)
+        .expect("the rate-limit decision is a child of chat.send");
+    assert_eq!(check.attr("allowed").as_deref(), Some("true"));
+    assert_eq!(
+        check.attr("decided").as_deref(),
+        Some("shared"),
+        "decided in Redis"
+    );
     assert!(
-        named(&spans, "ratelimit.check").any(|s| s.parent_span_id == send.span_id)
-            || named(&spans, "chat.validate").any(|s| s.parent_span_id == send.span_id),
-        "the message's steps are children of chat.send"
+        named(&spans, "chat.validate").any(|s| s.parent_span_id == send.span_id),
+        "validation is a child of chat.send"
     );
     // Its delivery on both replicas, in the same trace, children of chat.send.
     let deliveries: Vec<&Exported> = named(&spans, "chat.deliver")
