@@ -296,6 +296,11 @@ async fn serve_admin(
                         .dropped_ephemeral
                         .load(std::sync::atomic::Ordering::Relaxed),
                 );
+                crate::metrics::runtime_tasks(
+                    tokio::runtime::Handle::current()
+                        .metrics()
+                        .num_alive_tasks(),
+                );
                 async move {
                     (
                         [(

@@ -143,10 +143,12 @@ fn main() -> ExitCode {
             }
         }
     });
-    // Background tasks (the signal listener) end with the runtime; then the last spans
-    // are flushed, outside it.
-    drop(runtime);
-    telemetry.shutdown();
+    // The last spans are flushed while the runtime still runs (a gRPC exporter's
+    // connection lives on it), from a blocking thread (the HTTP exporter's client is a
+    // blocking one).
+    runtime.block_on(async move {
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    });
     status
 }
 

@@ -40,6 +40,10 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     describe_gauge!("chatgate_connections", "Open WebSocket sessions.");
+    describe_gauge!(
+        "chatgate_runtime_tasks",
+        "Tasks alive in the async runtime."
+    );
     describe_counter!(
         "chatgate_connections_opened_total",
         "WebSocket sessions opened."
@@ -139,6 +143,12 @@ pub fn connection_opened() {
 pub fn connection_closed(reason: &'static str) {
     counter!("chatgate_connections_closed_total", "reason" => reason).increment(1);
     gauge!("chatgate_connections").decrement(1.0);
+}
+
+/// Tasks alive in the async runtime (sessions, joins, background work), set on scrape:
+/// flat under steady churn, or something leaks.
+pub fn runtime_tasks(count: usize) {
+    gauge!("chatgate_runtime_tasks").set(count as f64);
 }
 
 pub fn message_received(transport: &'static str) {

@@ -35,9 +35,9 @@ impl Telemetry {
         self.provider.is_some()
     }
 
-    /// Flushes buffered spans and stops the exporter. Call outside the async runtime,
-    /// after it has stopped (the HTTP exporter's blocking client must not be dropped
-    /// inside it).
+    /// Flushes buffered spans and stops the exporter. Call from a blocking thread while
+    /// the runtime still runs (`spawn_blocking`): a gRPC exporter's connection lives on
+    /// the runtime, and the HTTP exporter's blocking client must not be dropped in it.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider
             && let Err(e) = provider.shutdown()

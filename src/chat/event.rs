@@ -49,6 +49,15 @@ pub enum ServerFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         client_id: Option<String>,
     },
+    /// Ends the replay a connection asked for with `since=`: `replayed` messages newer
+    /// than `since` came before it, oldest first. `complete: false` means the gap could
+    /// not be filled (`since` is no longer in the history): reload the history instead.
+    /// Sent only to the connection concerned.
+    Resumed {
+        since: String,
+        replayed: usize,
+        complete: bool,
+    },
 }
 
 impl ServerFrame {

@@ -572,6 +572,26 @@ impl Connection {
         Ok(())
     }
 
+    /// The channel's messages newer than `since`, oldest first, and whether that is the
+    /// whole gap: `false` when `since` is not in the newest `history_max_limit` messages
+    /// (trimmed, deleted, or older than one history answer holds).
+    ///
+    /// # Errors
+    /// [`ChatError::Unavailable`].
+    pub async fn messages_since(
+        &self,
+        since: &MessageId,
+    ) -> Result<(Vec<ChatMessage>, bool), ChatError> {
+        let limit = i64::try_from(self.service.limits.history_max_limit).unwrap_or(i64::MAX);
+        let (messages, _) = self.service.history(&self.channel, Some(limit)).await?;
+        Ok(
+            match messages.iter().position(|m| m.message_id == since.as_str()) {
+                Some(at) => (messages[at + 1..].to_vec(), true),
+                None => (Vec::new(), false),
+            },
+        )
+    }
+
     /// Leaves the channel in order (see [`ChatService::leave`]).
     pub async fn close(mut self) {
         self.closed = true;

@@ -12,7 +12,7 @@ use axum::response::Response;
 use tracing::Instrument;
 
 use crate::auth::{AuthError, Identity, SUBPROTOCOL, Surface};
-use crate::chat::model::{ChannelName, Username};
+use crate::chat::model::{ChannelName, MessageId, Username};
 use crate::error::{ApiError, AppResult};
 use crate::http::caller::{ClaimedUser, claimed_user};
 use crate::http::client_ip::ClientIp;
@@ -94,6 +94,13 @@ pub async fn connect_chat(
         Some(channel) => ChannelName::parse(channel).map_err(ApiError::bad_param)?,
         None => ChannelName::general(),
     };
+    let since =
+        match params.get("since") {
+            Some(id) => Some(MessageId::parse(id).map_err(|e| {
+                ApiError::bad_request("invalid_since", format!("since: {}", e.detail))
+            })?),
+            None => None,
+        };
     if identity.as_ref().is_some_and(|i| !i.may_use(&channel)) {
         return Err(ApiError::forbidden(
             "channel_forbidden",
@@ -139,9 +146,10 @@ pub async fn connect_chat(
         .on_upgrade(move |socket| {
             crate::metrics::connection_opened();
             async move {
-                let reason = session::run(socket, connection, settings, shutdown, expires_in)
-                    .instrument(session_span)
-                    .await;
+                let reason =
+                    session::run(socket, connection, settings, shutdown, expires_in, since)
+                        .instrument(session_span)
+                        .await;
                 crate::metrics::connection_closed(reason);
                 drop((alive, permit));
             }

@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use super::protocol::ClientFrame;
 use crate::chat::event::ServerFrame;
+use crate::chat::model::MessageId;
 use crate::chat::{ChatError, Connection, Draft};
 use crate::limits::Limits;
 
@@ -75,11 +76,21 @@ pub async fn run<S>(
     settings: SessionSettings,
     shutdown: CancellationToken,
     expires_in: Option<Duration>,
+    since: Option<MessageId>,
 ) -> &'static str
 where
     S: Stream<Item = Result<Message, Error>> + Sink<Message, Error = Error> + Unpin,
 {
     let (mut sink, mut stream) = socket.split();
+    // What the client missed comes first; live events wait in the outbox meanwhile (a
+    // message published between the join and this read can come twice: once here, once
+    // live; clients de-duplicate by message_id).
+    if let Some(since) = since
+        && let Step::Stop(why) = replay(&mut sink, &conn, &since, &settings).await
+    {
+        conn.close().await;
+        return why;
+    }
     let mut ping = tokio::time::interval_at(
         Instant::now() + settings.ping_interval,
         settings.ping_interval,
@@ -293,6 +304,38 @@ where
         }
     };
     send_frame(sink, &frame.for_client(client_id), settings).await
+}
+
+/// Sends the channel's messages newer than `since`, then a `resumed` frame saying
+/// whether that was the whole gap.
+async fn replay<S>(
+    sink: &mut S,
+    conn: &Connection,
+    since: &MessageId,
+    settings: &SessionSettings,
+) -> Step
+where
+    S: Sink<Message, Error = Error> + Unpin,
+{
+    let (messages, complete) = match conn.messages_since(since).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(channel = %conn.channel, error = %e, "replay failed");
+            (Vec::new(), false)
+        }
+    };
+    let replayed = messages.len();
+    for message in messages {
+        if let Step::Stop(why) = send_frame(sink, &ServerFrame::Message(message), settings).await {
+            return Step::Stop(why);
+        }
+    }
+    let done = ServerFrame::Resumed {
+        since: since.to_string(),
+        replayed,
+        complete,
+    };
+    send_frame(sink, &done, settings).await
 }
 
 /// A message frame: the sender's budget, then the content, then the store. `Err` when the

@@ -37,6 +37,9 @@ pub fn free_port() -> u16 {
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// With persistence: every write is in an append-only file here (fsynced), so a
+    /// killed and restarted server keeps its data, as a production Redis would.
+    dir: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -44,6 +47,20 @@ impl RedisServer {
         let mut server = Self {
             port: free_port(),
             child: None,
+            dir: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// A server whose data survives a kill and restart (AOF, fsync on every write).
+    pub async fn start_persistent() -> Self {
+        let dir = std::env::temp_dir().join(format!("chatgate-redis-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+            dir: Some(dir),
         };
         server.restart().await;
         server
@@ -56,10 +73,22 @@ impl RedisServer {
     /// Starts (again) on the same port and waits until it answers.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--dir", std::env::temp_dir().to_str().unwrap()])
+        let mut command = Command::new("redis-server");
+        command.args(["--port", &self.port.to_string()]).args([
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]);
+        match &self.dir {
+            Some(dir) => command
+                .args(["--appendonly", "yes", "--appendfsync", "always"])
+                .args(["--dir", dir.to_str().unwrap()]),
+            None => command
+                .args(["--appendonly", "no"])
+                .args(["--dir", std::env::temp_dir().to_str().unwrap()]),
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -104,6 +133,9 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -302,7 +334,12 @@ pub struct WsClient {
 
 impl WsClient {
     pub async fn connect(port: u16, username: &str, channel: &str) -> Self {
-        let url = format!("ws://127.0.0.1:{port}/ws/chat?username={username}&channel={channel}");
+        Self::connect_query(port, &format!("username={username}&channel={channel}")).await
+    }
+
+    /// Connects with this query string (as a client that resumes with `since=`).
+    pub async fn connect_query(port: u16, query: &str) -> Self {
+        let url = format!("ws://127.0.0.1:{port}/ws/chat?{query}");
         let (socket, response) = tokio_tungstenite::connect_async(url)
             .await
             .expect("ws connects");

@@ -10,6 +10,7 @@ mod faults;
 mod helpers;
 mod lifecycle;
 mod limits;
+mod reliability;
 mod replicas;
 mod rest;
 mod store;
