@@ -74,12 +74,11 @@ impl RedisServer {
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let mut command = Command::new("redis-server");
-        command.args(["--port", &self.port.to_string()]).args([
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ]);
+        command
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            // DEBUG SLEEP stands in for a Redis that stops answering for a while.
+            .args(["--enable-debug-command", "yes"]);
         match &self.dir {
             Some(dir) => command
                 .args(["--appendonly", "yes", "--appendfsync", "always"])

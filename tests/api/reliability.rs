@@ -207,6 +207,72 @@ async fn redis_restart_under_traffic_loses_no_acknowledged_message() {
 }
 
 #[tokio::test]
+async fn a_slow_redis_means_bounded_waits_and_error_frames_not_pile_ups() {
+    let redis = RedisServer::start().await;
+    let app = TestApp::spawn(
+        Some(&redis),
+        &[("CHATGATE_REDIS__COMMAND_TIMEOUT_MS", "300")],
+    )
+    .await;
+    let mut ws = app.ws("sam", "slow").await;
+    assert!(send_and_wait(&mut ws, "before", "c0").await.is_some());
+    // Redis stops answering for two seconds (it is busy, not gone).
+    let mut admin = redis.connection().await;
+    let mut probe = redis.connection().await;
+    let stall = tokio::spawn(async move {
+        let _: redis::RedisResult<()> = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(2)
+            .query_async(&mut admin)
+            .await;
+    });
+    // Wait until Redis is really stalled: a PING on another connection goes unanswered.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ping = redis::cmd("PING");
+        let ping = ping.query_async::<String>(&mut probe);
+        if tokio::time::timeout(std::time::Duration::from_millis(100), ping)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis never stalled"
+        );
+    }
+    // Sends during the stall are refused after the bounded wait, not queued forever, and
+    // the socket stays open.
+    let mut refused = 0;
+    for i in 1..=3 {
+        if send_and_wait(&mut ws, "during", &format!("c{i}"))
+            .await
+            .is_none()
+        {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 1, "a send during the stall got an error frame");
+    stall.await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut n = 10;
+    loop {
+        n += 1;
+        if send_and_wait(&mut ws, "after", &format!("c{n}"))
+            .await
+            .is_some()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sending never recovered"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_killed_replica_loses_no_acknowledged_message() {
     let redis = RedisServer::start().await;
     let mut a = Process::spawn(&redis, &[("CHATGATE_LIMITS__ENABLED", "false")]).await;
