@@ -1062,6 +1062,43 @@ mod tests {
     }
 
     #[test]
+    fn standard_otel_variables_configure_tracing() {
+        let config = Config::load(&vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_SERVICE_NAME", "chat-eu"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+        ]))
+        .unwrap();
+        let t = &config.telemetry;
+        assert_eq!(t.otlp_endpoint, "http://collector:4317");
+        assert_eq!(t.otlp_protocol, "http/protobuf");
+        assert_eq!(t.service_name, "chat-eu");
+        assert!((t.sample_ratio - 0.25).abs() < f64::EPSILON);
+        // The traces-specific endpoint wins over the generic one; chatgate's own wins over both.
+        let config = Config::load(&vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4317"),
+        ]))
+        .unwrap();
+        assert_eq!(config.telemetry.otlp_endpoint, "http://traces:4317");
+        let config = Config::load(&vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4317"),
+            ("CHATGATE_TELEMETRY__OTLP_ENDPOINT", "http://mine:4317"),
+        ]))
+        .unwrap();
+        assert_eq!(config.telemetry.otlp_endpoint, "http://mine:4317");
+        let err = Config::load(&vars(&[
+            ("OTEL_TRACES_SAMPLER_ARG", "lots"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("OTEL_TRACES_SAMPLER_ARG"), "{err}");
+        assert!(err.contains("telemetry.otlp_protocol"), "{err}");
+    }
+
+    #[test]
     fn a_secret_never_prints() {
         let config = Config::load(&production(&[
             ("CHATGATE_AUTH__ALGORITHMS", "HS256"),
