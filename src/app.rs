@@ -233,6 +233,7 @@ impl Application {
             state.limits.clone(),
         );
         tracing::info!(addr = %listener.local_addr()?, "listening");
+        background_tasks.spawn(metrics_upkeep(metrics.clone(), background.clone()));
         if let Some(admin) = admin {
             tracing::info!(addr = %admin.local_addr()?, "admin listening (/metrics)");
             let hub = state.chat.hub().clone();
@@ -313,21 +314,24 @@ async fn serve_admin(
             }),
         )
         .route("/healthz", get(|| async { "ok" }));
-    let upkeep = async {
-        let mut tick = tokio::time::interval(METRICS_UPKEEP);
-        loop {
-            tick.tick().await;
-            metrics.run_upkeep();
-        }
-    };
     let serve = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
-    tokio::select! {
-        result = serve => {
-            if let Err(e) = result {
-                tracing::error!(error = %e, "admin listener failed");
-            }
+    if let Err(e) = serve.await {
+        tracing::error!(error = %e, "admin listener failed");
+    }
+}
+
+/// The recorder's upkeep (it drains histogram samples into their buckets): without it,
+/// samples pile up in memory, so it runs whether or not anything scrapes.
+async fn metrics_upkeep(
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(METRICS_UPKEEP);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => metrics.run_upkeep(),
         }
-        () = upkeep => {}
     }
 }
 

@@ -135,14 +135,31 @@ pub const CLOSE_REASONS: &[&str] = &[
     "error",
 ];
 
-pub fn connection_opened() {
-    counter!("chatgate_connections_opened_total").increment(1);
-    gauge!("chatgate_connections").increment(1.0);
+/// One open WebSocket session in the connection metrics. Dropped without
+/// [`OpenConnection::closed`] (the session task panicked) it counts as closed by `error`,
+/// so the gauge never drifts.
+pub struct OpenConnection {
+    reason: Option<&'static str>,
 }
 
-pub fn connection_closed(reason: &'static str) {
-    counter!("chatgate_connections_closed_total", "reason" => reason).increment(1);
-    gauge!("chatgate_connections").decrement(1.0);
+impl OpenConnection {
+    pub fn opened() -> Self {
+        counter!("chatgate_connections_opened_total").increment(1);
+        gauge!("chatgate_connections").increment(1.0);
+        Self { reason: None }
+    }
+
+    pub fn closed(mut self, reason: &'static str) {
+        self.reason = Some(reason);
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let reason = self.reason.unwrap_or("error");
+        counter!("chatgate_connections_closed_total", "reason" => reason).increment(1);
+        gauge!("chatgate_connections").decrement(1.0);
+    }
 }
 
 /// Tasks alive in the async runtime (sessions, joins, background work), set on scrape:

@@ -77,6 +77,13 @@ pub struct Draft {
 }
 
 impl Draft {
+    /// The validated type (`text`, `image` or `audio`).
+    pub fn message_type(&self) -> &'static str {
+        self.message_type.as_str()
+    }
+}
+
+impl Draft {
     /// Checks content against its type and puts it in its stored form (see
     /// [`crate::content`]): text is sanitized into an HTML-safe fragment within
     /// `max_text_bytes`; image and audio content must be a strict base64 data URL of an
@@ -127,6 +134,10 @@ pub struct OnlineUser {
     pub status: &'static str,
     pub last_seen: Timestamp,
 }
+
+/// Messages read first when a client resumes (`since=`); the whole history window is
+/// read only when its last seen message is older.
+const RESUME_FIRST_PAGE: usize = 50;
 
 /// Channels whose presence is refreshed at the same time (one Redis call each).
 const REFRESH_CONCURRENCY: usize = 16;
@@ -582,14 +593,17 @@ impl Connection {
         &self,
         since: &MessageId,
     ) -> Result<(Vec<ChatMessage>, bool), ChatError> {
-        let limit = i64::try_from(self.service.limits.history_max_limit).unwrap_or(i64::MAX);
-        let (messages, _) = self.service.history(&self.channel, Some(limit)).await?;
-        Ok(
-            match messages.iter().position(|m| m.message_id == since.as_str()) {
-                Some(at) => (messages[at + 1..].to_vec(), true),
-                None => (Vec::new(), false),
-            },
-        )
+        // A reconnect usually missed little: look in a short page first, and read the
+        // whole window only when `since` is not in it.
+        let max = self.service.limits.history_max_limit;
+        for limit in [RESUME_FIRST_PAGE.min(max), max] {
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let (messages, _) = self.service.history(&self.channel, Some(limit)).await?;
+            if let Some(at) = messages.iter().position(|m| m.message_id == since.as_str()) {
+                return Ok((messages[at + 1..].to_vec(), true));
+            }
+        }
+        Ok((Vec::new(), false))
     }
 
     /// Leaves the channel in order (see [`ChatService::leave`]).

@@ -214,8 +214,9 @@ async fn send_message(
         "chat.send",
         transport = "rest",
         channel = %channel,
-        message_type,
+        message_type = tracing::field::Empty,
         content_bytes = body.content.len(),
+        outcome = tracing::field::Empty,
     );
     let (verdict, message) = async {
         // The sender's message budget, shared with its WebSocket sends, before the
@@ -235,6 +236,7 @@ async fn send_message(
                 if !verdict.allowed {
                     crate::metrics::rate_limited("messages");
                     crate::metrics::message_refused("rate_limited");
+                    tracing::Span::current().record("outcome", "rate_limited");
                     return Err(ApiError::RateLimited(verdict));
                 }
                 Some(Extension(RateHeaders(vec![verdict])))
@@ -245,9 +247,19 @@ async fn send_message(
             .in_scope(|| Draft::parse(body.content, message_type, state.chat.limits()))
             .map_err(|e| {
                 crate::metrics::message_refused(e.code);
+                tracing::Span::current().record("outcome", e.code);
                 ChatError::from(e)
             })?;
-        let message = state.chat.send(&sender, &channel, draft, None).await?;
+        tracing::Span::current().record("message_type", draft.message_type());
+        let message = state
+            .chat
+            .send(&sender, &channel, draft, None)
+            .await
+            .inspect_err(|_| {
+                crate::metrics::message_refused("store_unavailable");
+                tracing::Span::current().record("outcome", "failed");
+            })?;
+        tracing::Span::current().record("outcome", "sent");
         crate::metrics::message_received("rest");
         Ok((verdict, message))
     }

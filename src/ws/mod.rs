@@ -114,7 +114,7 @@ pub async fn connect_chat(
     let chat = state.chat.clone();
     let connection = state
         .sessions
-        .spawn(async move { chat.connect(username, channel).await })
+        .spawn(async move { chat.connect(username, channel).await }.in_current_span())
         .await
         .map_err(|e| ApiError::Internal(format!("join task failed: {e}")))??;
     let ws_config = &state.config.ws;
@@ -144,13 +144,13 @@ pub async fn connect_chat(
         .max_message_size(ws_config.max_message_bytes)
         .max_frame_size(ws_config.max_message_bytes)
         .on_upgrade(move |socket| {
-            crate::metrics::connection_opened();
+            let open = crate::metrics::OpenConnection::opened();
             async move {
                 let reason =
                     session::run(socket, connection, settings, shutdown, expires_in, since)
                         .instrument(session_span)
                         .await;
-                crate::metrics::connection_closed(reason);
+                open.closed(reason);
                 drop((alive, permit));
             }
         }))

@@ -248,7 +248,7 @@ where
                 "chat.send",
                 transport = "ws",
                 channel = %conn.channel,
-                message_type = %message_type,
+                message_type = tracing::field::Empty,
                 content_bytes = content.len(),
                 outcome = tracing::field::Empty,
             );
@@ -268,6 +268,8 @@ where
                     span.record("outcome", if result.is_ok() { "sent" } else { "failed" });
                     if result.is_ok() {
                         crate::metrics::message_received("ws");
+                    } else {
+                        crate::metrics::message_refused("store_unavailable");
                     }
                     (result, client_id)
                 }
@@ -385,7 +387,11 @@ where
     let draft = tracing::debug_span!("chat.validate")
         .in_scope(|| Draft::parse(content, &message_type, conn.limits()));
     let draft = match draft {
-        Ok(draft) => draft,
+        Ok(draft) => {
+            // Only the validated type: the raw field is client input of any size.
+            tracing::Span::current().record("message_type", draft.message_type());
+            draft
+        }
         Err(e) => {
             crate::metrics::message_refused(e.code);
             tracing::Span::current().record("outcome", e.code);

@@ -160,15 +160,13 @@ fn vars(redis: &RedisServer, endpoint: &str) -> Vec<(String, String)> {
     .collect()
 }
 
-async fn ws(port: u16, user: &str, channel: &str) -> WsClient {
+async fn ws(port: u16, token: &str, channel: &str) -> WsClient {
     let mut request = format!("ws://127.0.0.1:{port}/ws/chat?channel={channel}")
         .into_client_request()
         .unwrap();
     request.headers_mut().insert(
         "sec-websocket-protocol",
-        format!("chatgate.v1, bearer.{}", token(user))
-            .parse()
-            .unwrap(),
+        format!("chatgate.v1, bearer.{token}").parse().unwrap(),
     );
     let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     WsClient { socket }
@@ -183,8 +181,9 @@ async fn one_message_is_one_trace_across_two_replicas() {
     let mut b = Process::start(false, &vars(&redis, &endpoint), None).await;
 
     // Bob listens on replica B; Alice sends on replica A.
-    let mut bob = ws(b.port, "bob", "traced").await;
-    let mut alice = ws(a.port, "alice", "traced").await;
+    let (alice_token, bob_token) = (token("alice"), token("bob"));
+    let mut bob = ws(b.port, &bob_token, "traced").await;
+    let mut alice = ws(a.port, &alice_token, "traced").await;
     bob.next_of("user_joined").await;
     alice.say(CONTENT_WS, "c1").await;
     assert_eq!(alice.next_of("message").await["client_id"], "c1");
@@ -287,20 +286,20 @@ async fn one_message_is_one_trace_across_two_replicas() {
     }
     // No token and no message content anywhere.
     let secrets = [
-        CONTENT_WS.to_string(),
-        CONTENT_REST.to_string(),
-        SECRET.to_string(),
-        token("alice").rsplit('.').next().unwrap().to_string(),
-        "bearer.".to_string(),
+        CONTENT_WS,
+        CONTENT_REST,
+        SECRET,
+        alice_token.as_str(),
+        bob_token.as_str(),
+        alice_token.rsplit('.').next().unwrap(),
+        bob_token.rsplit('.').next().unwrap(),
+        "bearer.",
+        "Bearer ",
     ];
     for span in &spans {
         for string in &span.strings {
             for secret in &secrets {
-                assert!(
-                    !string.contains(secret.as_str()),
-                    "{secret} leaked in {}",
-                    span.name
-                );
+                assert!(!string.contains(secret), "{secret} leaked in {}", span.name);
             }
         }
     }
@@ -320,7 +319,7 @@ async fn an_unreachable_collector_breaks_nothing() {
     // Nothing listens there.
     let endpoint = format!("http://127.0.0.1:{}", free_port());
     let mut process = Process::start(false, &vars(&redis, &endpoint), None).await;
-    let mut bob = ws(process.port, "bob", "down").await;
+    let mut bob = ws(process.port, &token("bob"), "down").await;
     for i in 0..20 {
         bob.say(&format!("m{i}"), &format!("c{i}")).await;
         assert_eq!(bob.next_of("message").await["client_id"], format!("c{i}"));
@@ -372,7 +371,20 @@ async fn metrics_move_on_the_admin_listener_only() {
         .unwrap();
     assert_eq!(refused.status(), 400);
     ws.close().await;
-    let after = scrape().await;
+    // The session ends on its own task after the close handshake: wait for its count.
+    let closed = r#"chatgate_connections_closed_total{reason="client_closed"}"#;
+    let deadline = tokio::time::Instant::now() + crate::helpers::WAIT;
+    let after = loop {
+        let after = scrape().await;
+        if value(&after, closed) > value(&before, closed) {
+            break after;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the close was not counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
 
     for (series, at_least) in [
         (r#"chatgate_messages_received_total{transport="ws"}"#, 1.0),
@@ -389,7 +401,6 @@ async fn metrics_move_on_the_admin_listener_only() {
             "{series} did not move:\n{after}"
         );
     }
-    assert!(after.contains("chatgate_connections_closed_total{reason=\"client_closed\"}"));
     assert!(after.contains(
         "chatgate_http_request_duration_seconds_bucket{method=\"GET\",route=\"/api/chat/history/{channel}\",status=\"400\""
     ));
