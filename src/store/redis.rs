@@ -309,11 +309,14 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 }
 
 /// Times one store operation (one Redis round trip, or a few for the batched refresh)
-/// into `chatgate_redis_command_duration_seconds`, and counts its failures.
+/// into `chatgate_redis_command_duration_seconds`, and counts its failures. An operation
+/// dropped before it finished (its caller gave up, as the rate limiter does after
+/// `limits.redis_timeout_ms`) counts as failed too: a slow Redis must show in the errors.
 struct Timer {
     op: &'static str,
     started: std::time::Instant,
     failed: std::cell::Cell<bool>,
+    succeeded: std::cell::Cell<bool>,
 }
 
 impl Timer {
@@ -322,7 +325,13 @@ impl Timer {
             op,
             started: std::time::Instant::now(),
             failed: std::cell::Cell::new(false),
+            succeeded: std::cell::Cell::new(false),
         }
+    }
+
+    /// Marks a call that answered.
+    fn succeeded(&self) {
+        self.succeeded.set(true);
     }
 
     /// Marks the operation failed and converts the error.
@@ -334,7 +343,8 @@ impl Timer {
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        crate::metrics::redis_command(self.op, self.started.elapsed(), !self.failed.get());
+        let ok = self.succeeded.get() && !self.failed.get();
+        crate::metrics::redis_command(self.op, self.started.elapsed(), ok);
     }
 }
 
@@ -420,7 +430,8 @@ impl Store for RedisStore {
             .arg(if touch { "1" } else { "0" })
             .invoke_async::<i64>(&mut conn)
             .await
-            .map_err(|e| timer.failed(e))?;
+            .map_err(|e| timer.failed(e))
+            .inspect(|_| timer.succeeded())?;
         if touch {
             self.touched(channel);
         }
@@ -444,7 +455,8 @@ impl Store for RedisStore {
             .arg(max_bytes)
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| timer.failed(e))?;
+            .map_err(|e| timer.failed(e))
+            .inspect(|_| timer.succeeded())?;
         entries.reverse();
         Ok((entries, truncated == 1))
     }
@@ -476,6 +488,7 @@ impl Store for RedisStore {
                 _ => Deleted::NotFound,
             })
             .map_err(|e| timer.failed(e))
+            .inspect(|_| timer.succeeded())
     }
 
     #[tracing::instrument(level = "debug", name = "redis.channels", skip_all, fields(db.system = "redis"))]
@@ -489,7 +502,8 @@ impl Store for RedisStore {
             .arg(self.settings.history_ttl_secs)
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| timer.failed(e))?;
+            .map_err(|e| timer.failed(e))
+            .inspect(|_| timer.succeeded())?;
         names.sort();
         Ok(names)
     }
@@ -519,6 +533,7 @@ impl Store for RedisStore {
             .await
             .map(|n| n == 1)
             .map_err(|e| timer.failed(e))
+            .inspect(|_| timer.succeeded())
     }
 
     #[tracing::instrument(level = "debug", name = "redis.leave", skip_all, fields(db.system = "redis"))]
@@ -543,6 +558,7 @@ impl Store for RedisStore {
             .await
             .map(|n| n == 1)
             .map_err(|e| timer.failed(e))
+            .inspect(|_| timer.succeeded())
     }
 
     #[tracing::instrument(level = "debug", name = "redis.refresh", skip_all, fields(db.system = "redis"))]
@@ -566,7 +582,8 @@ impl Store for RedisStore {
             let lost: Vec<usize> = invocation
                 .invoke_async(&mut conn)
                 .await
-                .map_err(|e| timer.failed(e))?;
+                .map_err(|e| timer.failed(e))
+                .inspect(|_| timer.succeeded())?;
             missing.extend(lost.into_iter().map(|i| batch_no * REFRESH_BATCH + i));
         }
         Ok(missing)
@@ -582,7 +599,8 @@ impl Store for RedisStore {
             .key(self.keys.presence_users(channel))
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| timer.failed(e))?;
+            .map_err(|e| timer.failed(e))
+            .inspect(|_| timer.succeeded())?;
         let ttl = self.settings.presence_ttl_ms as i64;
         let mut entries: Vec<PresenceEntry> = pairs
             .into_iter()
@@ -616,6 +634,7 @@ impl Store for RedisStore {
             .await
             .map(drop)
             .map_err(|e| timer.failed(e))
+            .inspect(|_| timer.succeeded())
     }
 
     #[tracing::instrument(level = "debug", name = "redis.ping", skip_all, fields(db.system = "redis"))]
@@ -627,6 +646,7 @@ impl Store for RedisStore {
             .await
             .map(drop)
             .map_err(|e| timer.failed(e))
+            .inspect(|_| timer.succeeded())
     }
 }
 
@@ -647,7 +667,8 @@ impl RateStore for RedisStore {
             .arg(burst)
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| timer.failed(e))?;
+            .map_err(|e| timer.failed(e))
+            .inspect(|_| timer.succeeded())?;
         let ms = |v: i64| Duration::from_millis(u64::try_from(v).unwrap_or(0));
         Ok(RateOutcome {
             allowed: allowed == 1,
