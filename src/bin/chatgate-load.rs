@@ -1,6 +1,6 @@
 //! `chatgate-load`: a load generator for chatgate (loopback targets only).
 //!
-//! Three scenarios, each bounded in time: the tool connects, runs, closes every connection
+//! Four scenarios, each bounded in time: the tool connects, runs, closes every connection
 //! and exits by itself.
 //!
 //! - `idle`: opens N WebSocket connections spread over M channels (bounded concurrency,
@@ -8,11 +8,19 @@
 //!   server's RSS before and after, and the RSS growth per connection in KiB.
 //! - `fanout`: one channel, S subscribers and P publishers; the publishers send a total
 //!   of R messages/s. Reports deliveries/s, expected deliveries, loss (per message) and
-//!   end-to-end latency percentiles.
+//!   end-to-end latency percentiles. With `--slow N`, N more subscribers join the channel
+//!   and stop reading (or read one frame per second): the figures stay those of the
+//!   healthy subscribers, and the report adds how many slow ones the server closed.
 //! - `send`: C channels with K clients each, all sending a total of R messages/s, each
 //!   message with its own `client_id`. Counts acks (the sender's echo), deliveries to the
 //!   other members, latency and error frames, then fetches each channel's history over
 //!   HTTP and checks every acknowledged message is stored exactly once.
+//! - `soak`: churn. W workers each loop connect, send a few messages, wait for their
+//!   echoes, disconnect, for `--duration` seconds or `--cycles` cycles, next to a standing
+//!   set of `--idle` connections. Samples the server's RSS, open file descriptors, and
+//!   (with `--admin-url`) its `chatgate_connections` and `chatgate_runtime_tasks` gauges;
+//!   at the end, once the server is back to the standing connections, checks each is back
+//!   within `--tolerance` of the baseline taken before the churn.
 //!
 //! Every message's content is `t=<unix micros>;n=<sequence>` (plus optional padding), so
 //! a receiver computes latency and counts the message with two substring searches, with
@@ -35,6 +43,15 @@
 //! # the figures as one JSON line too:
 //! chatgate-load --url ws://127.0.0.1:18080 --json send --channels 10 --clients 5 \
 //!     --rate 1000 --duration 10
+//!
+//! # The same fan-out with 100 more subscribers that never read:
+//! chatgate-load --url ws://127.0.0.1:18080 --server-pid "$(pgrep -nx chatgate)" \
+//!     --admin-url http://127.0.0.1:9090 fanout -s 1000 -r 300 --duration 30 --slow 100
+//!
+//! # 100,000 connect/send/disconnect cycles by 32 workers next to 100 standing
+//! # connections; fails unless RSS, fds and tasks come back within 10% of the baseline:
+//! chatgate-load --url ws://127.0.0.1:18080 --server-pid "$(pgrep -nx chatgate)" \
+//!     --admin-url http://127.0.0.1:9090 soak --cycles 100000 --workers 32 --idle 100
 //! ```
 //!
 //! Every process has a file descriptor limit: opening 10,000 connections from this
@@ -45,8 +62,10 @@
 //! Exit status: 0 when the run is clean; 1 when loss was detected (a subscriber missed
 //! a message, a sent message got neither an ack nor an error, an acknowledged message is
 //! missing from or duplicated in the history, or, for `idle`, a connection failed or was
-//! dropped); 2 when the run could not be carried out (bad flags, target not on loopback,
-//! unreachable server, fd limit, failed connections in `fanout`/`send`).
+//! dropped; for `soak`, a failed cycle, a message without its echo, or the server's RSS,
+//! fds or tasks not back to baseline); 2 when the run could not be carried out (bad
+//! flags, target not on loopback, unreachable server, fd limit, failed connections in
+//! `fanout`/`send`/`soak`'s standing set).
 
 // A client tool: its tasks end with the run, so the server's TaskTracker rule does not apply.
 #![allow(clippy::disallowed_methods)]
@@ -67,7 +86,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior, sleep, sleep_until, timeout};
@@ -80,7 +99,8 @@ use tokio_util::sync::CancellationToken;
 // Command line
 // ---------------------------------------------------------------------------------------
 
-/// Load generator for chatgate: idle connections, fan-out and send/ack/history checks.
+/// Load generator for chatgate: idle connections, fan-out (with slow readers), send/ack/
+/// history checks, and connection churn (soak) with resource checks.
 ///
 /// Targets must resolve to loopback addresses. Every run is bounded in time and exits by
 /// itself. Exit status: 0 clean, 1 loss or missing messages detected, 2 run not possible.
@@ -152,6 +172,11 @@ struct Common {
     /// Client runtime worker threads [default: one per CPU].
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
+    /// Base URL of the server's admin listener (http://host:port on loopback), scraped
+    /// at /metrics: `soak` samples chatgate_connections and chatgate_runtime_tasks there,
+    /// `fanout --slow` counts the sessions the server closed as too slow.
+    #[arg(long, global = true, value_name = "URL")]
+    admin_url: Option<String>,
 }
 
 /// The scenario to run.
@@ -163,6 +188,9 @@ enum Scenario {
     Fanout(FanoutArgs),
     /// C channels x K clients all sending R msgs/s in total; acks checked against history.
     Send(SendArgs),
+    /// Connection churn: W workers loop connect, send, check echoes, disconnect; the
+    /// server's RSS, fds and tasks must come back to baseline.
+    Soak(SoakArgs),
 }
 
 /// Flags of `idle`.
@@ -188,8 +216,40 @@ struct FanoutArgs {
     /// Messages per second sent by all publishers together.
     #[arg(long, short = 'r', default_value_t = 200.0)]
     rate: f64,
+    /// Extra subscribers on the channel that stop reading once connected (slow readers).
+    /// They are read by tasks of their own; latency and loss figures are the healthy
+    /// subscribers' only.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    slow: usize,
+    /// How the slow readers read until the run ends: `never`, or `trickle` (one frame
+    /// per second). Either way they send a ping every 10 s, so the server's heartbeat
+    /// does not close them.
+    #[arg(long, value_enum, default_value_t = SlowMode::Never, value_name = "MODE")]
+    slow_mode: SlowMode,
+    /// Receive buffer (SO_RCVBUF) of the slow readers' sockets, in bytes; smaller fills
+    /// sooner. 0: the system's default (autotuned).
+    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    slow_rcvbuf: u32,
     #[command(flatten)]
     pacing: PacingArgs,
+}
+
+/// How a slow reader reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SlowMode {
+    /// Never reads until the run ends.
+    Never,
+    /// Reads one frame per second.
+    Trickle,
+}
+
+impl SlowMode {
+    fn name(self) -> &'static str {
+        match self {
+            SlowMode::Never => "never",
+            SlowMode::Trickle => "trickle (1 frame/s)",
+        }
+    }
 }
 
 /// Flags of `send`.
@@ -213,6 +273,52 @@ struct SendArgs {
     no_verify: bool,
     #[command(flatten)]
     pacing: PacingArgs,
+}
+
+/// Flags of `soak`.
+#[derive(Debug, Args)]
+struct SoakArgs {
+    /// Churn workers running at once; each loops connect, send, check echoes, close.
+    #[arg(long, short = 'w', default_value_t = 32)]
+    workers: usize,
+    /// Channels the churn and standing connections are spread over.
+    #[arg(long, short = 'c', default_value_t = 10)]
+    channels: usize,
+    /// Stop after this many cycles (ignores --duration) [default: churn for --duration].
+    #[arg(long, value_name = "N")]
+    cycles: Option<u64>,
+    /// Messages each cycle sends; each must come back as its echo (1 to 64).
+    #[arg(long, short = 'k', default_value_t = 3)]
+    messages: u32,
+    /// Standing connections held open for the whole run (the baseline includes them).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    idle: usize,
+    /// Seconds between two samples of the server's figures.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    sample_every: f64,
+    /// Percent by which the final RSS, fd count and task count may exceed the baseline.
+    #[arg(long, default_value_t = 10.0, value_name = "PCT")]
+    tolerance: f64,
+    /// Absolute slack added to the fd and task limits (baseline x tolerance + slack).
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    slack: u64,
+    /// Cycles run before the baseline, not counted, so one-time allocations (pools,
+    /// allocator pages at full concurrency) are not taken for growth [default: --workers].
+    #[arg(long, value_name = "N")]
+    warmup_cycles: Option<u64>,
+    /// Most seconds to wait, after the churn, for the server to come back to the
+    /// standing connections and to the baseline.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    settle_timeout: f64,
+    /// Seconds a cycle waits for its echoes.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    echo_timeout: f64,
+    /// Percent of cycles that drop the TCP connection without a close handshake.
+    #[arg(long, default_value_t = 0.0, value_name = "PCT")]
+    abrupt: f64,
+    /// Stop the churn after this many failed cycles.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    max_errors: u64,
 }
 
 /// How messages are paced.
@@ -288,10 +394,16 @@ async fn run(cli: Cli) -> Result<Verdict, String> {
     };
     let target = Target::resolve(&common.url, common.http.as_deref()).await?;
     let server = server_pid(common)?;
+    let admin = match &common.admin_url {
+        Some(url) => Some(Admin::resolve(url).await?),
+        None => None,
+    };
+    let admin = admin.as_ref();
     let (verdict, report) = match &cli.scenario {
         Scenario::Idle(args) => idle(common, args, &target, server, &run_id).await?,
-        Scenario::Fanout(args) => fanout(common, args, &target, server, &run_id).await?,
+        Scenario::Fanout(args) => fanout(common, args, &target, server, admin, &run_id).await?,
         Scenario::Send(args) => send(common, args, &target, server, &run_id).await?,
+        Scenario::Soak(args) => soak(common, args, &target, server, admin, &run_id).await?,
     };
     report.print(common.json);
     Ok(verdict)
@@ -412,6 +524,89 @@ async fn resolve_loopback(host: &str, port: u16) -> Result<SocketAddr, String> {
         .find(|a| a.is_ipv4())
         .copied()
         .unwrap_or(addrs[0]))
+}
+
+/// The server's admin listener, where `/metrics` is scraped.
+#[derive(Debug, Clone)]
+struct Admin {
+    authority: String,
+    addr: SocketAddr,
+}
+
+impl Admin {
+    /// `http://host:port` (a trailing `/metrics` is accepted), on loopback.
+    async fn resolve(url: &str) -> Result<Self, String> {
+        let base = url.trim_end_matches('/');
+        let base = base.strip_suffix("/metrics").unwrap_or(base);
+        let (authority, host, port) =
+            parse_base(base, "http").map_err(|e| format!("--admin-url: {e}"))?;
+        let addr = resolve_loopback(&host, port).await?;
+        Ok(Self { authority, addr })
+    }
+
+    async fn scrape(&self) -> Result<Metrics, String> {
+        match http_get_at(self.addr, &self.authority, "/metrics", "text/plain").await {
+            Ok((200, body)) => Ok(Metrics(String::from_utf8_lossy(&body).into_owned())),
+            Ok((status, _)) => Err(format!("GET {}/metrics: HTTP {status}", self.authority)),
+            Err(e) => Err(format!("GET {}/metrics: {e}", self.authority)),
+        }
+    }
+}
+
+/// A Prometheus text exposition.
+struct Metrics(String);
+
+impl Metrics {
+    /// The sum of the samples of metric `name` whose label set contains `label` (every
+    /// sample of it when `label` is `None`); `None` when there is no such sample.
+    fn value(&self, name: &str, label: Option<&str>) -> Option<f64> {
+        let mut found = None;
+        for line in self.0.lines().filter(|l| !l.starts_with('#')) {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            let (labels, value) = if let Some(rest) = rest.strip_prefix('{') {
+                match rest.split_once('}') {
+                    Some(split) => split,
+                    None => continue,
+                }
+            } else if rest.starts_with(' ') {
+                ("", rest)
+            } else {
+                continue; // another metric whose name starts with `name`
+            };
+            if label.is_some_and(|l| !labels.contains(l)) {
+                continue;
+            }
+            if let Some(v) = value
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+            {
+                *found.get_or_insert(0.0) += v;
+            }
+        }
+        found
+    }
+
+    /// A gauge or counter as a whole number.
+    fn count(&self, name: &str, label: Option<&str>) -> Option<u64> {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        self.value(name, label).map(|v| v.max(0.0).round() as u64)
+    }
+}
+
+/// `chatgate_connections_closed_total` with `reason="too_slow"`: sessions closed (1013)
+/// because they read too slowly.
+const TOO_SLOW: (&str, Option<&str>) = (
+    "chatgate_connections_closed_total",
+    Some("reason=\"too_slow\""),
+);
+
+/// Open file descriptors of a process (entries of `/proc/<pid>/fd`).
+fn count_fds(pid: &str) -> Option<u64> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(entries.count() as u64)
 }
 
 fn server_pid(common: &Common) -> Result<Option<u32>, String> {
@@ -670,6 +865,8 @@ struct Shared {
     run_id: String,
     /// Stops readers that did not end after the close handshake.
     cancel: CancellationToken,
+    /// Tells slow readers (`fanout --slow`) to read what is left and close.
+    drain: CancellationToken,
     /// Set when we start closing: ends seen afterwards are not failures.
     closing: AtomicBool,
     /// Measurement window, in Unix microseconds (0..0 until sending starts).
@@ -694,6 +891,7 @@ impl Shared {
         Arc::new(Self {
             run_id: run_id.to_string(),
             cancel: CancellationToken::new(),
+            drain: CancellationToken::new(),
             closing: AtomicBool::new(false),
             window_start: AtomicU64::new(0),
             window_end: AtomicU64::new(0),
@@ -776,6 +974,8 @@ struct ReaderStats {
     counts: FrameCounts,
     /// Why the connection ended before we closed it.
     ended: Option<String>,
+    /// The code of the server's close frame, when one was read before we closed.
+    close_code: Option<u16>,
     /// Message ids of this connection's acks (for the history check).
     acked_ids: Vec<u128>,
 }
@@ -872,6 +1072,39 @@ async fn read_loop(
 }
 
 impl ReaderStats {
+    /// A slow reader's frame; returns whether the connection is still open.
+    fn on_slow_frame(
+        &mut self,
+        next: Option<Result<Message, WsError>>,
+        sh: &Shared,
+        lat: &mut LatencyBuffers,
+    ) -> bool {
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                self.on_text(text.as_str(), sh, IDLE, lat);
+                true
+            }
+            Some(Ok(Message::Close(frame))) => {
+                self.frames += 1;
+                self.close_code = Some(frame.as_ref().map_or(1005, |f| u16::from(f.code)));
+                self.ended = Some(match frame {
+                    Some(f) => format!("closed by server: {} {}", u16::from(f.code), f.reason),
+                    None => "closed by server".into(),
+                });
+                false
+            }
+            Some(Ok(_)) => true,
+            Some(Err(e)) => {
+                self.ended = Some(format!("error: {e}"));
+                false
+            }
+            None => {
+                self.ended = Some("connection ended".into());
+                false
+            }
+        }
+    }
+
     fn on_text(&mut self, text: &str, sh: &Shared, role: Role, lat: &mut LatencyBuffers) {
         self.frames += 1;
         let Some(kind) = text
@@ -1053,12 +1286,31 @@ struct ConnSpec {
     role: Role,
     /// Client read buffer (allocated up front, per connection).
     read_buffer: usize,
+    /// A slow reader (`fanout --slow`): its own task holds both halves.
+    slow: Option<SlowMode>,
+    /// SO_RCVBUF of the socket (0: the system default).
+    rcvbuf: u32,
 }
 
-/// An open connection: its write half, and its reader task.
+impl ConnSpec {
+    fn new(username: String, channel: String, channel_idx: usize, role: Role) -> Self {
+        Self {
+            username,
+            channel,
+            channel_idx,
+            role,
+            read_buffer: RECEIVER_READ_BUFFER,
+            slow: None,
+            rcvbuf: 0,
+        }
+    }
+}
+
+/// An open connection: its write half (none for a slow reader, whose task holds it), and
+/// its reader task.
 struct Conn {
     role: Role,
-    sink: Sink,
+    sink: Option<Sink>,
     reader: JoinHandle<ReaderStats>,
     connect_us: u64,
 }
@@ -1068,6 +1320,14 @@ enum AttemptError {
     /// Stop the whole connect phase (fd limit, rejected request).
     Fatal(String),
     Retry(String),
+}
+
+impl AttemptError {
+    fn message(self) -> String {
+        match self {
+            AttemptError::Fatal(msg) | AttemptError::Retry(msg) => msg,
+        }
+    }
 }
 
 /// Result of the connect phase.
@@ -1109,7 +1369,21 @@ async fn connect_once(
     spec: &ConnSpec,
     opts: &ConnectOpts,
 ) -> Result<Ws, AttemptError> {
-    let stream = timeout(opts.timeout, TcpStream::connect(target.ws_addr))
+    let addr = target.ws_addr;
+    let connect = async {
+        if spec.rcvbuf == 0 {
+            return TcpStream::connect(addr).await;
+        }
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // Set before connecting, so the window offered in the handshake fits it.
+        socket.set_recv_buffer_size(spec.rcvbuf)?;
+        socket.connect(addr).await
+    };
+    let stream = timeout(opts.timeout, connect)
         .await
         .map_err(|_| AttemptError::Retry("TCP connect timed out".into()))?
         .map_err(|e| io_error(&e))?;
@@ -1166,53 +1440,170 @@ impl ConnectTask {
     /// Connects (with retries) and starts the reader at once, so frames sent to the
     /// connection (joins of later connections, for one) are read from the start.
     async fn run(self) -> Result<Conn, AttemptError> {
-        let mut attempt = 0;
-        loop {
-            if self.fatal.load(Relaxed) {
-                return Err(AttemptError::Retry(
-                    "not attempted: the connect phase was aborted".into(),
-                ));
+        let (ws, connect_us) = connect_retrying(
+            &self.target,
+            &self.spec,
+            &self.opts,
+            &self.retries,
+            Some(&self.fatal),
+        )
+        .await?;
+        let (sink, stream) = ws.split();
+        self.sh.live.fetch_add(1, Relaxed);
+        self.sh.connected.fetch_add(1, Relaxed);
+        let (sink, reader) = match self.spec.slow {
+            None => (
+                Some(sink),
+                tokio::spawn(read_loop(
+                    stream,
+                    self.sh.clone(),
+                    self.spec.role,
+                    self.spec.channel_idx,
+                    self.shard,
+                )),
+            ),
+            Some(mode) => (
+                None,
+                tokio::spawn(slow_loop(
+                    sink,
+                    stream,
+                    self.sh.clone(),
+                    mode,
+                    self.spec.channel_idx,
+                )),
+            ),
+        };
+        Ok(Conn {
+            role: self.spec.role,
+            sink,
+            reader,
+            connect_us,
+        })
+    }
+}
+
+/// One connection, retried with backoff up to `opts.retries` times. Returns the socket
+/// and the microseconds its successful attempt took. A fatal error sets `fatal`, and a
+/// set `fatal` stops the retries.
+async fn connect_retrying(
+    target: &Target,
+    spec: &ConnSpec,
+    opts: &ConnectOpts,
+    retries: &AtomicU64,
+    fatal: Option<&AtomicBool>,
+) -> Result<(Ws, u64), AttemptError> {
+    let mut attempt = 0;
+    loop {
+        if fatal.is_some_and(|f| f.load(Relaxed)) {
+            return Err(AttemptError::Retry(
+                "not attempted: the connect phase was aborted".into(),
+            ));
+        }
+        let began = Instant::now();
+        match connect_once(target, spec, opts).await {
+            Ok(ws) => {
+                let connect_us = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
+                return Ok((ws, connect_us));
             }
-            let began = Instant::now();
-            match connect_once(&self.target, &self.spec, &self.opts).await {
-                Ok(ws) => {
-                    let connect_us = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    let (sink, stream) = ws.split();
-                    self.sh.live.fetch_add(1, Relaxed);
-                    self.sh.connected.fetch_add(1, Relaxed);
-                    let reader = tokio::spawn(read_loop(
-                        stream,
-                        self.sh.clone(),
-                        self.spec.role,
-                        self.spec.channel_idx,
-                        self.shard,
-                    ));
-                    return Ok(Conn {
-                        role: self.spec.role,
-                        sink,
-                        reader,
-                        connect_us,
-                    });
+            Err(AttemptError::Fatal(msg)) => {
+                if let Some(f) = fatal {
+                    f.store(true, Relaxed);
                 }
-                Err(AttemptError::Fatal(msg)) => {
-                    self.fatal.store(true, Relaxed);
-                    return Err(AttemptError::Fatal(msg));
+                return Err(AttemptError::Fatal(msg));
+            }
+            Err(AttemptError::Retry(msg)) => {
+                if attempt >= opts.retries {
+                    return Err(AttemptError::Retry(msg));
                 }
-                Err(AttemptError::Retry(msg)) => {
-                    if attempt >= self.opts.retries {
-                        return Err(AttemptError::Retry(msg));
-                    }
-                    attempt += 1;
-                    self.retries.fetch_add(1, Relaxed);
-                    let backoff = 100u64 << attempt.min(5);
-                    sleep(Duration::from_millis(
-                        backoff.min(2000) + fastrand::u64(..100),
-                    ))
-                    .await;
-                }
+                attempt += 1;
+                retries.fetch_add(1, Relaxed);
+                let backoff = 100u64 << attempt.min(5);
+                sleep(Duration::from_millis(
+                    backoff.min(2000) + fastrand::u64(..100),
+                ))
+                .await;
             }
         }
     }
+}
+
+/// Seconds between the pings a slow reader sends (any frame is a sign of life to the
+/// server's heartbeat, and sending needs no reading).
+const SLOW_KEEPALIVE: Duration = Duration::from_secs(10);
+/// When draining, a slow reader that got nothing for this long is still open.
+const SLOW_DRAIN_IDLE: Duration = Duration::from_secs(1);
+/// Longest a slow reader drains before it closes the connection itself.
+const SLOW_DRAIN_LIMIT: Duration = Duration::from_secs(20);
+
+/// A slow reader (`fanout --slow`): reads nothing (or one frame per second) until
+/// [`Shared::drain`], so the server's side of the socket and its queue fill up. Then it
+/// reads what is left as fast as it can, to learn whether the server closed it (a close
+/// frame, usually 1013, or the socket ending when the close frame could not be written),
+/// and closes it itself if it is still open. It runs on its own task, holding both
+/// halves: nothing else waits on it.
+async fn slow_loop(
+    mut sink: Sink,
+    mut stream: SplitStream<Ws>,
+    sh: Arc<Shared>,
+    mode: SlowMode,
+    channel: usize,
+) -> ReaderStats {
+    let mut stats = ReaderStats {
+        channel,
+        ..ReaderStats::default()
+    };
+    let mut lat = LatencyBuffers {
+        shard: 0,
+        delivery: Vec::new(),
+        ack: Vec::new(),
+    };
+    let now = Instant::now();
+    let mut keepalive = tokio::time::interval_at(now + SLOW_KEEPALIVE, SLOW_KEEPALIVE);
+    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let second = Duration::from_secs(1);
+    let mut trickle = tokio::time::interval_at(now + second, second);
+    trickle.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut want_frame = false;
+    let mut open = true;
+    let cancelled = loop {
+        tokio::select! {
+            biased;
+            () = sh.cancel.cancelled() => break true,
+            () = sh.drain.cancelled() => break false,
+            _ = keepalive.tick(), if open => {
+                // A failed ping shows when the rest is read.
+                let ping = sink.send(Message::Ping(Default::default()));
+                let _ = timeout(second, ping).await;
+            }
+            _ = trickle.tick(), if mode == SlowMode::Trickle && open => want_frame = true,
+            next = stream.next(), if want_frame && open => {
+                want_frame = false;
+                open = stats.on_slow_frame(next, &sh, &mut lat);
+            }
+        }
+    };
+    if !cancelled {
+        let limit = Instant::now() + SLOW_DRAIN_LIMIT;
+        while open && Instant::now() < limit {
+            let next = tokio::select! {
+                biased;
+                () = sh.cancel.cancelled() => break,
+                next = timeout(SLOW_DRAIN_IDLE, stream.next()) => next,
+            };
+            match next {
+                Ok(next) => open = stats.on_slow_frame(next, &sh, &mut lat),
+                Err(_) => break, // quiet: the server still has it open
+            }
+        }
+        if open {
+            // Still open: close it, and read until the server's reply ends the stream.
+            let _ = timeout(Duration::from_secs(2), sink.send(Message::Close(None))).await;
+            let rest = async { while let Some(Ok(_)) = stream.next().await {} };
+            let _ = timeout(Duration::from_secs(2), rest).await;
+        }
+    }
+    sh.live.fetch_sub(1, Relaxed);
+    stats
 }
 
 /// Opens every connection with bounded concurrency (and an optional rate), within the
@@ -1360,7 +1751,13 @@ async fn close_all(
 
 /// Splits opened connections into their sinks and reader tasks.
 fn split_conns(conns: Vec<Conn>) -> (Vec<Sink>, Vec<JoinHandle<ReaderStats>>) {
-    conns.into_iter().map(|c| (c.sink, c.reader)).unzip()
+    let mut sinks = Vec::with_capacity(conns.len());
+    let mut readers = Vec::with_capacity(conns.len());
+    for conn in conns {
+        sinks.extend(conn.sink);
+        readers.push(conn.reader);
+    }
+    (sinks, readers)
 }
 
 /// Connects every spec; when any connection fails, closes what opened and returns why.
@@ -1793,15 +2190,31 @@ fn account(sh: &Shared, expected_per_message: u32) -> Accounting {
 /// Largest HTTP response read.
 const MAX_HTTP_BYTES: u64 = 64 << 20;
 
-/// `GET path` with `Connection: close`; returns the status and the (de-chunked) body.
+/// `GET path` on the REST API with `Connection: close`; returns the status and the
+/// (de-chunked) body.
 async fn http_get(target: &Target, path: &str) -> Result<(u16, Vec<u8>), String> {
+    http_get_at(
+        target.http_addr,
+        &target.http_authority,
+        path,
+        "application/json",
+    )
+    .await
+}
+
+/// `GET path` from `addr` (`authority` in the Host header) with `Connection: close`.
+async fn http_get_at(
+    addr: SocketAddr,
+    authority: &str,
+    path: &str,
+    accept: &str,
+) -> Result<(u16, Vec<u8>), String> {
     let exchange = async {
-        let mut stream = TcpStream::connect(target.http_addr)
+        let mut stream = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
-            target.http_authority
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
         );
         stream
             .write_all(request.as_bytes())
@@ -2142,6 +2555,19 @@ impl Report {
         }
     }
 
+    /// A table: a title, a header and rows; in the JSON, an array of the rows' objects.
+    fn table(&mut self, title: &str, key: &str, header: &str, rows: Vec<(String, Value)>) {
+        self.lines.push(format!("{title}:"));
+        self.lines.push(header.to_string());
+        let mut list = Vec::with_capacity(rows.len());
+        for (line, value) in rows {
+            self.lines.push(line);
+            list.push(value);
+        }
+        self.json.insert(key.into(), Value::Array(list));
+        self.section = None;
+    }
+
     fn print(&self, json_line: bool) {
         println!("{}", self.lines.join("\n"));
         if json_line {
@@ -2181,12 +2607,13 @@ async fn idle(
         .map(|j| format!("load-{run_id}-idle-{j}"))
         .collect();
     let specs = (0..args.connections)
-        .map(|i| ConnSpec {
-            username: username(run_id, 'i', i),
-            channel: channels[i % args.channels].clone(),
-            channel_idx: i % args.channels,
-            role: IDLE,
-            read_buffer: 4096,
+        .map(|i| {
+            ConnSpec::new(
+                username(run_id, 'i', i),
+                channels[i % args.channels].clone(),
+                i % args.channels,
+                IDLE,
+            )
         })
         .collect();
     let mem_before = pid.as_deref().and_then(read_mem);
@@ -2335,23 +2762,26 @@ async fn idle(
     Ok((if failed { Verdict::Fail } else { Verdict::Pass }, r))
 }
 
-/// `fanout`: one channel, S subscribers, P publishers at R msgs/s in total.
+/// `fanout`: one channel, S subscribers, P publishers at R msgs/s in total (plus
+/// `--slow` subscribers that stop reading).
 async fn fanout(
     common: &Common,
     args: &FanoutArgs,
     target: &Target,
     server: Option<u32>,
+    admin: Option<&Admin>,
     run_id: &str,
 ) -> Result<(Verdict, Report), String> {
     if args.subscribers == 0 || args.publishers == 0 {
         return Err("--subscribers and --publishers must be at least 1".into());
     }
-    if args.subscribers + args.publishers > 1_000_000 {
+    let wanted = args.subscribers + args.publishers + args.slow;
+    if wanted > 1_000_000 {
         return Err("at most 1,000,000 connections".into());
     }
     check_rate(args.rate)?;
     let planned = planned_messages(args.rate, common)?;
-    check_fd_limit(args.subscribers + args.publishers);
+    check_fd_limit(wanted);
     let target = Arc::new(target.clone());
     let pid = server.map(|p| p.to_string());
     let sh = Shared::new(run_id, usize::try_from(planned).unwrap_or(usize::MAX));
@@ -2366,37 +2796,50 @@ async fn fanout(
         deliveries: false,
         record_ids: false,
     };
+    let slow_specs = (0..args.slow).map(|i| ConnSpec {
+        slow: Some(args.slow_mode),
+        rcvbuf: args.slow_rcvbuf,
+        ..ConnSpec::new(username(run_id, 'z', i), channel.clone(), 0, IDLE)
+    });
     let specs = (0..args.subscribers)
         .map(|i| (username(run_id, 's', i), subscriber))
         .chain((0..args.publishers).map(|i| (username(run_id, 'p', i), publisher)))
-        .map(|(username, role)| ConnSpec {
-            username,
-            channel: channel.clone(),
-            channel_idx: 0,
-            role,
-            read_buffer: RECEIVER_READ_BUFFER,
-        })
+        .map(|(username, role)| ConnSpec::new(username, channel.clone(), 0, role))
+        .chain(slow_specs)
         .collect();
-    let wanted = args.subscribers + args.publishers;
+    let slow_closed_before = match admin {
+        Some(admin) if args.slow > 0 => Some(scrape_too_slow(admin).await?),
+        _ => None,
+    };
     let mem_before = pid.as_deref().and_then(read_mem);
-    eprintln!(
-        "fanout: opening {} subscribers and {} publisher(s) on {channel}",
-        args.subscribers, args.publishers
-    );
+    if args.slow > 0 {
+        eprintln!(
+            "fanout: opening {} subscribers, {} publisher(s) and {} slow reader(s) on {channel}",
+            args.subscribers, args.publishers, args.slow
+        );
+    } else {
+        eprintln!(
+            "fanout: opening {} subscribers and {} publisher(s) on {channel}",
+            args.subscribers, args.publishers
+        );
+    }
     let mut connected = connect_every(&sh, &target, specs, common, wanted).await?;
     let mem_connected = pid.as_deref().and_then(read_mem);
     let mut sinks = Vec::new();
     let mut outlets = Vec::new();
     let mut readers = Vec::new();
+    let mut slow_readers = Vec::new();
     for conn in std::mem::take(&mut connected.conns) {
-        readers.push(conn.reader);
-        if conn.role.sends {
-            outlets.push(Outlet {
-                sink: conn.sink,
-                alive: true,
-            });
-        } else {
-            sinks.push(conn.sink);
+        match conn.sink {
+            None => slow_readers.push(conn.reader),
+            Some(sink) if conn.role.sends => {
+                readers.push(conn.reader);
+                outlets.push(Outlet { sink, alive: true });
+            }
+            Some(sink) => {
+                readers.push(conn.reader);
+                sinks.push(sink);
+            }
         }
     }
     let expected = u32::try_from(args.subscribers).unwrap_or(u32::MAX);
@@ -2412,9 +2855,20 @@ async fn fanout(
     .await;
     let client_mem = read_mem("self");
     let settle = (sending.settle_secs, sending.settled);
+    let slow = if args.slow > 0 {
+        Some(drain_slow(&sh, slow_readers, admin, args.subscribers + args.publishers).await)
+    } else {
+        None
+    };
     sinks.extend(sending.outlets.into_iter().map(|o| o.sink));
     let stats = close_all(&sh, &mut sinks, readers).await;
     drop(sinks);
+    let mem_closed = if pid.is_some() && args.slow > 0 {
+        sleep(Duration::from_secs(2)).await;
+        pid.as_deref().and_then(read_mem)
+    } else {
+        None
+    };
     let totals = Totals::of(&stats);
     let acc = account(&sh, expected);
 
@@ -2423,6 +2877,17 @@ async fn fanout(
     r.text("channel", "channel", &channel);
     r.int("subscribers", "subscribers", args.subscribers as u64);
     r.int("publishers", "publishers", args.publishers as u64);
+    if args.slow > 0 {
+        r.int("slow readers", "slow", args.slow as u64);
+        r.text("slow readers read", "slow_mode", args.slow_mode.name());
+        if args.slow_rcvbuf > 0 {
+            r.int(
+                "slow readers' SO_RCVBUF",
+                "slow_rcvbuf",
+                u64::from(args.slow_rcvbuf),
+            );
+        }
+    }
     r.num("rate", "rate", args.rate, " msgs/s");
     r.num("warmup", "warmup_secs", common.warmup, " s");
     r.num("measured window", "window_secs", common.duration, " s");
@@ -2443,16 +2908,149 @@ async fn fanout(
         settle,
         &sh,
     );
+    if let Some(slow) = &slow {
+        slow.report(&mut r, slow_closed_before);
+    }
     server_report(
         &mut r,
         pid.is_some(),
         [mem_before, mem_connected, sending.server_mem_in_window],
+        mem_closed,
         sending.server_cpu,
         sending.client_cpu,
         client_mem,
     );
     r.frames(&totals);
     Ok((verdict, r))
+}
+
+/// `chatgate_connections_closed_total{reason="too_slow"}` now.
+async fn scrape_too_slow(admin: &Admin) -> Result<u64, String> {
+    let metrics = admin.scrape().await?;
+    metrics
+        .count(TOO_SLOW.0, TOO_SLOW.1)
+        .ok_or_else(|| format!("{}: no {} sample in /metrics", admin.authority, TOO_SLOW.0))
+}
+
+/// What became of the slow readers.
+struct SlowOutcome {
+    readers: usize,
+    /// Read a close frame with 1013 from the server.
+    closed_1013: u64,
+    /// Read a close frame with another code.
+    closed_other: BTreeMap<u16, u64>,
+    /// The socket ended (EOF or reset) with no close frame before it: the server closed
+    /// it but could not write the close frame into the full socket.
+    ended_no_frame: u64,
+    /// Still open once drained: the server never closed it.
+    still_open: u64,
+    frames: u64,
+    /// The server's `chatgate_connections` after the sending, minus the healthy ones. A
+    /// session closed as too slow still counts until its close frame is written (which
+    /// waits for the reader to make room) or the write times out.
+    open_on_server: Option<i64>,
+    /// `chatgate_connections_closed_total{reason="too_slow"}` after the drain.
+    closed_too_slow_after: Option<u64>,
+    scrape_error: Option<String>,
+}
+
+/// Scrapes the server's view, tells the slow readers to drain, and collects them.
+async fn drain_slow(
+    sh: &Shared,
+    readers: Vec<JoinHandle<ReaderStats>>,
+    admin: Option<&Admin>,
+    healthy: usize,
+) -> SlowOutcome {
+    let mut out = SlowOutcome {
+        readers: readers.len(),
+        closed_1013: 0,
+        closed_other: BTreeMap::new(),
+        ended_no_frame: 0,
+        still_open: 0,
+        frames: 0,
+        open_on_server: None,
+        closed_too_slow_after: None,
+        scrape_error: None,
+    };
+    if let Some(admin) = admin {
+        match admin.scrape().await {
+            Ok(m) => {
+                out.open_on_server = m
+                    .count("chatgate_connections", None)
+                    .map(|n| i64::try_from(n).unwrap_or(i64::MAX) - healthy as i64);
+            }
+            Err(e) => out.scrape_error = Some(e),
+        }
+    }
+    eprintln!("  draining {} slow reader(s)", readers.len());
+    sh.drain.cancel();
+    for reader in readers {
+        match reader.await {
+            Ok(s) => {
+                out.frames += s.frames;
+                match (s.close_code, &s.ended) {
+                    (Some(1013), _) => out.closed_1013 += 1,
+                    (Some(code), _) => *out.closed_other.entry(code).or_default() += 1,
+                    (None, Some(_)) => out.ended_no_frame += 1,
+                    (None, None) => out.still_open += 1,
+                }
+            }
+            Err(e) => eprintln!("warning: a slow reader task failed: {e}"),
+        }
+    }
+    if let Some(admin) = admin {
+        match scrape_too_slow(admin).await {
+            Ok(n) => out.closed_too_slow_after = Some(n),
+            Err(e) => {
+                out.scrape_error.get_or_insert(e);
+            }
+        }
+    }
+    out
+}
+
+impl SlowOutcome {
+    fn report(&self, r: &mut Report, too_slow_before: Option<u64>) {
+        r.section("slow readers", "slow");
+        r.int("connected", "connected", self.readers as u64);
+        if let Some(open) = self.open_on_server {
+            r.put(
+                "open on the server after sending",
+                "open_after_sending",
+                json!(open),
+                format!("{open} (chatgate_connections minus the healthy)"),
+            );
+        }
+        if let (Some(before), Some(after)) = (too_slow_before, self.closed_too_slow_after) {
+            r.int(
+                "closed as too slow (server metric)",
+                "closed_too_slow_metric",
+                after.saturating_sub(before),
+            );
+        }
+        let closed =
+            self.closed_1013 + self.ended_no_frame + self.closed_other.values().sum::<u64>();
+        r.int("closed by the server", "closed", closed);
+        r.int("  close frame 1013 read", "closed_1013", self.closed_1013);
+        r.int(
+            "  socket ended, no close frame",
+            "ended_without_close_frame",
+            self.ended_no_frame,
+        );
+        if !self.closed_other.is_empty() {
+            let other = self
+                .closed_other
+                .iter()
+                .map(|(code, n)| (code.to_string(), *n))
+                .collect();
+            r.counts("  other close codes", "closed_other", &other);
+        }
+        r.int("still open at the end", "still_open", self.still_open);
+        r.int("frames the slow readers read", "frames", self.frames);
+        if let Some(e) = &self.scrape_error {
+            r.warn(format!("could not read the server's metrics: {e}"));
+        }
+    }
 }
 
 /// `send`: C channels x K clients, all sending; acks, deliveries and the history check.
@@ -2489,12 +3087,13 @@ async fn send(
         record_ids: !args.no_verify,
     };
     let specs = (0..wanted)
-        .map(|i| ConnSpec {
-            username: username(run_id, 'c', i),
-            channel: channels[i / args.clients].clone(),
-            channel_idx: i / args.clients,
-            role: member,
-            read_buffer: RECEIVER_READ_BUFFER,
+        .map(|i| {
+            ConnSpec::new(
+                username(run_id, 'c', i),
+                channels[i / args.clients].clone(),
+                i / args.clients,
+                member,
+            )
         })
         .collect();
     let mem_before = pid.as_deref().and_then(read_mem);
@@ -2605,6 +3204,7 @@ async fn send(
         &mut r,
         pid.is_some(),
         [mem_before, mem_connected, sending.server_mem_in_window],
+        None,
         sending.server_cpu,
         sending.client_cpu,
         client_mem,
@@ -2739,10 +3339,12 @@ fn traffic_report(
 }
 
 /// Server memory and CPU, and the client's own figures.
+#[allow(clippy::too_many_arguments)]
 fn server_report(
     r: &mut Report,
     measured: bool,
     [before, connected, in_window]: [Option<Mem>; 3],
+    closed: Option<Mem>,
     server_cpu: Option<f64>,
     client_cpu: Option<f64>,
     client_mem: Option<Mem>,
@@ -2752,6 +3354,7 @@ fn server_report(
         r.mem("RSS before connecting", "rss_before_kib", before);
         r.mem("RSS connected", "rss_connected_kib", connected);
         r.mem("RSS at the end of the window", "rss_after_kib", in_window);
+        r.mem("RSS 2 s after closing", "rss_closed_kib", closed);
         if let Some(m) = in_window {
             r.put(
                 "peak RSS (VmHWM)",
@@ -2775,6 +3378,936 @@ fn server_report(
     if let Some(cpu) = client_cpu {
         r.num("CPU in the window", "cpu_pct", cpu * 100.0, " %");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Soak: connection churn and the server's resources
+// ---------------------------------------------------------------------------------------
+
+/// Settings every churn worker shares.
+struct ChurnCfg {
+    run_id: String,
+    target: Arc<Target>,
+    channels: Vec<String>,
+    opts: ConnectOpts,
+    messages: u32,
+    echo_timeout: Duration,
+    /// Fraction (0..=1) of cycles that end without a close handshake.
+    abrupt: f64,
+    max_errors: u64,
+    /// Next cycle id: usernames and client ids are unique over the run.
+    next_id: AtomicU64,
+}
+
+/// Counters of one churn phase (the warm-up, or the measured churn).
+#[derive(Default)]
+struct ChurnCounters {
+    /// Cycles started (bounds the phase to its cycle count).
+    claimed: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+    sent: AtomicU64,
+    acked: AtomicU64,
+    abrupt: AtomicU64,
+    retries: AtomicU64,
+    stop: AtomicBool,
+    errors: Mutex<BTreeMap<String, u64>>,
+}
+
+impl ChurnCounters {
+    fn done(&self) -> u64 {
+        self.ok.load(Relaxed) + self.failed.load(Relaxed)
+    }
+
+    fn errors(&self) -> BTreeMap<String, u64> {
+        self.errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Latencies the churn workers measured, in microseconds.
+struct ChurnTimes {
+    connect: Histogram,
+    echo: Histogram,
+    cycle: Histogram,
+}
+
+impl ChurnTimes {
+    fn new() -> Self {
+        Self {
+            connect: Histogram::new(),
+            echo: Histogram::new(),
+            cycle: Histogram::new(),
+        }
+    }
+
+    fn merge(&mut self, o: &ChurnTimes) {
+        self.connect.merge(&o.connect);
+        self.echo.merge(&o.echo);
+        self.cycle.merge(&o.cycle);
+    }
+}
+
+/// Seconds one send, flush or close step of a cycle may take.
+const CYCLE_IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn elapsed_us(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// One cycle: connect, send `messages` messages, wait for every echo, close.
+async fn churn_cycle(
+    cfg: &ChurnCfg,
+    ctr: &ChurnCounters,
+    times: &mut ChurnTimes,
+) -> Result<(), String> {
+    let id = cfg.next_id.fetch_add(1, Relaxed);
+    let channel_idx = usize::try_from(id % cfg.channels.len() as u64).unwrap_or(0);
+    // At most 16 + 2 + 16 characters; usernames allow 32, so the id is kept short.
+    let spec = ConnSpec::new(
+        format!("{}-s{:x}", cfg.run_id, id & 0xffff_ffff_ffff),
+        cfg.channels[channel_idx].clone(),
+        channel_idx,
+        IDLE,
+    );
+    let began = Instant::now();
+    let (mut ws, connect_us) = connect_retrying(&cfg.target, &spec, &cfg.opts, &ctr.retries, None)
+        .await
+        .map_err(|e| format!("connect: {}", e.message()))?;
+    times.connect.record(connect_us);
+
+    let prefix = format!("{}-{id:x}-", cfg.run_id);
+    let sent_at = Instant::now();
+    let t = now_us();
+    for k in 0..cfg.messages {
+        let frame = format!(
+            r#"{{"type":"message","content":"t={t};n={k}","message_type":"text","client_id":"{prefix}{k}"}}"#
+        );
+        timeout(CYCLE_IO_TIMEOUT, ws.feed(Message::text(frame)))
+            .await
+            .map_err(|_| "send timed out".to_string())?
+            .map_err(|e| format!("send failed: {e}"))?;
+    }
+    timeout(CYCLE_IO_TIMEOUT, ws.flush())
+        .await
+        .map_err(|_| "send timed out".to_string())?
+        .map_err(|e| format!("send failed: {e}"))?;
+    ctr.sent.fetch_add(u64::from(cfg.messages), Relaxed);
+
+    // One bit per message still waiting for its echo.
+    let mut missing: u64 = if cfg.messages >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << cfg.messages) - 1
+    };
+    let deadline = Instant::now() + cfg.echo_timeout;
+    while missing != 0 {
+        let Ok(next) = tokio::time::timeout_at(deadline, ws.next()).await else {
+            return Err(format!(
+                "echo timeout: {} of {} echoes missing after {:.1} s",
+                missing.count_ones(),
+                cfg.messages,
+                cfg.echo_timeout.as_secs_f64()
+            ));
+        };
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                let text = text.as_str();
+                if text.starts_with(MESSAGE_TYPE) && is_echo(text) {
+                    let k = str_field(text, CLIENT_ID_FIELD)
+                        .and_then(|c| c.strip_prefix(prefix.as_str()))
+                        .and_then(|k| k.parse::<u32>().ok())
+                        .filter(|&k| k < cfg.messages);
+                    if let Some(k) = k
+                        && missing & (1u64 << k) != 0
+                    {
+                        missing &= !(1u64 << k);
+                        ctr.acked.fetch_add(1, Relaxed);
+                        times.echo.record(elapsed_us(sent_at));
+                    }
+                } else if text.starts_with(ERROR_TYPE) {
+                    return Err(format!("error frame: {}", error_code(text)));
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Err(match frame {
+                    Some(f) => format!("closed by server: {} {}", u16::from(f.code), f.reason),
+                    None => "closed by server".into(),
+                });
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("read failed: {e}")),
+            None => return Err("connection ended before the echoes".into()),
+        }
+    }
+
+    if cfg.abrupt > 0.0 && fastrand::f64() < cfg.abrupt {
+        // The TCP connection ends with no close frame.
+        ctr.abrupt.fetch_add(1, Relaxed);
+        drop(ws);
+    } else {
+        timeout(CYCLE_IO_TIMEOUT, ws.close(None))
+            .await
+            .map_err(|_| "close timed out".to_string())?
+            .map_err(|e| format!("close failed: {e}"))?;
+        // The server's reply ends the stream.
+        let rest = async { while let Some(Ok(_)) = ws.next().await {} };
+        timeout(CYCLE_IO_TIMEOUT, rest)
+            .await
+            .map_err(|_| "close handshake timed out".to_string())?;
+    }
+    times.cycle.record(elapsed_us(began));
+    Ok(())
+}
+
+const MESSAGE_TYPE: &str = "{\"type\":\"message\"";
+const ERROR_TYPE: &str = "{\"type\":\"error\"";
+const CLIENT_ID_FIELD: &str = "\"client_id\":\"";
+
+/// The `code` of an error frame.
+fn error_code(text: &str) -> String {
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v.get("code").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| "(no code)".into())
+}
+
+/// One worker: cycles until the phase's cycles are all claimed, its deadline passes, or
+/// too many cycles failed.
+async fn churn_worker(
+    cfg: Arc<ChurnCfg>,
+    ctr: Arc<ChurnCounters>,
+    limit: Option<u64>,
+    deadline: Option<Instant>,
+) -> ChurnTimes {
+    let mut times = ChurnTimes::new();
+    loop {
+        if ctr.stop.load(Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        if let Some(limit) = limit
+            && ctr.claimed.fetch_add(1, Relaxed) >= limit
+        {
+            break;
+        }
+        match churn_cycle(&cfg, &ctr, &mut times).await {
+            Ok(()) => {
+                ctr.ok.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                let failed = ctr.failed.fetch_add(1, Relaxed) + 1;
+                *ctr.errors
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(e)
+                    .or_default() += 1;
+                if failed >= cfg.max_errors {
+                    ctr.stop.store(true, Relaxed);
+                }
+                sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    times
+}
+
+/// Runs `workers` churn workers to the end of the phase; returns their latencies and the
+/// phase's length.
+async fn churn(
+    cfg: &Arc<ChurnCfg>,
+    ctr: &Arc<ChurnCounters>,
+    workers: usize,
+    limit: Option<u64>,
+    deadline: Option<Instant>,
+) -> (ChurnTimes, Duration) {
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..workers {
+        set.spawn(churn_worker(cfg.clone(), ctr.clone(), limit, deadline));
+    }
+    let mut times = ChurnTimes::new();
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(t) => times.merge(&t),
+            Err(e) => eprintln!("warning: a churn worker failed: {e}"),
+        }
+    }
+    (times, start.elapsed())
+}
+
+/// The server's figures at one moment.
+#[derive(Debug, Clone, Default)]
+struct Figures {
+    rss_kib: Option<u64>,
+    fds: Option<u64>,
+    /// `chatgate_connections`.
+    conns: Option<u64>,
+    /// `chatgate_runtime_tasks`.
+    tasks: Option<u64>,
+    scrape_error: Option<String>,
+}
+
+impl Figures {
+    async fn take(pid: Option<&str>, admin: Option<&Admin>) -> Self {
+        let mut f = Figures {
+            rss_kib: pid.and_then(read_mem).map(|m| m.rss_kib),
+            fds: pid.and_then(count_fds),
+            ..Figures::default()
+        };
+        if let Some(admin) = admin {
+            match admin.scrape().await {
+                Ok(m) => {
+                    f.conns = m.count("chatgate_connections", None);
+                    f.tasks = m.count("chatgate_runtime_tasks", None);
+                    if f.conns.is_none() || f.tasks.is_none() {
+                        f.scrape_error = Some(
+                            "/metrics has no chatgate_connections or chatgate_runtime_tasks".into(),
+                        );
+                    }
+                }
+                Err(e) => f.scrape_error = Some(e),
+            }
+        }
+        f
+    }
+}
+
+/// The most each figure may reach at the end: baseline x (1 + tolerance) (+ slack).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    tolerance: f64,
+    slack: u64,
+}
+
+impl Limits {
+    fn limit(self, baseline: u64, slack: u64) -> u64 {
+        #[allow(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss
+        )]
+        let scaled = (baseline as f64 * (1.0 + self.tolerance / 100.0)).floor() as u64;
+        scaled + slack
+    }
+
+    /// (name, unit, baseline, final, limit) of each figure the baseline has.
+    fn checks(self, base: &Figures, end: &Figures) -> Vec<Check> {
+        let mut out = Vec::new();
+        let mut add = |name: &'static str,
+                       key: &'static str,
+                       unit: &'static str,
+                       b: Option<u64>,
+                       e: Option<u64>,
+                       slack: u64| {
+            if let Some(b) = b {
+                out.push(Check {
+                    name,
+                    key,
+                    unit,
+                    baseline: b,
+                    end: e,
+                    limit: self.limit(b, slack),
+                });
+            }
+        };
+        add("RSS", "rss_kib", " KiB", base.rss_kib, end.rss_kib, 0);
+        add("open fds", "fds", "", base.fds, end.fds, self.slack);
+        add(
+            "runtime tasks",
+            "tasks",
+            "",
+            base.tasks,
+            end.tasks,
+            self.slack,
+        );
+        out
+    }
+
+    fn met(self, base: &Figures, end: &Figures) -> bool {
+        self.checks(base, end).iter().all(Check::ok)
+    }
+}
+
+/// One figure compared with its baseline.
+struct Check {
+    name: &'static str,
+    key: &'static str,
+    unit: &'static str,
+    baseline: u64,
+    end: Option<u64>,
+    limit: u64,
+}
+
+impl Check {
+    fn ok(&self) -> bool {
+        self.end.is_some_and(|e| e <= self.limit)
+    }
+
+    /// Growth over the baseline, in percent.
+    fn growth(&self) -> Option<f64> {
+        #[allow(clippy::cast_precision_loss)]
+        self.end
+            .map(|e| (e as f64 - self.baseline as f64) * 100.0 / (self.baseline as f64).max(1.0))
+    }
+}
+
+/// Polls the server until it counts exactly `standing` connections (when the admin
+/// listener is known) and `done` holds, or until `limit`. Returns the last figures, the
+/// seconds waited and whether it settled.
+async fn settle_server(
+    pid: Option<&str>,
+    admin: Option<&Admin>,
+    standing: u64,
+    limit: Duration,
+    done: impl Fn(&Figures) -> bool,
+) -> (Figures, f64, bool) {
+    let start = Instant::now();
+    loop {
+        let f = Figures::take(pid, admin).await;
+        let conns_ok = admin.is_none() || f.conns == Some(standing);
+        if conns_ok && done(&f) {
+            return (f, start.elapsed().as_secs_f64(), true);
+        }
+        if start.elapsed() >= limit {
+            return (f, start.elapsed().as_secs_f64(), false);
+        }
+        sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// One row of the samples table.
+#[derive(Debug, Clone)]
+struct Sample {
+    label: String,
+    cycles: u64,
+    /// Cycles per second since the previous row.
+    rate: Option<f64>,
+    errors: u64,
+    f: Figures,
+}
+
+impl Sample {
+    const HEADER: &'static str =
+        "  time         cycles   cycles/s     RSS KiB     fds   conns   tasks  errors";
+
+    fn row(&self) -> String {
+        let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+        format!(
+            "  {:<10} {:>8} {:>10} {:>11} {:>7} {:>7} {:>7} {:>7}",
+            self.label,
+            self.cycles,
+            self.rate
+                .map_or_else(|| "-".to_string(), |r| format!("{r:.1}")),
+            opt(self.f.rss_kib),
+            opt(self.f.fds),
+            opt(self.f.conns),
+            opt(self.f.tasks),
+            self.errors,
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "at": self.label,
+            "cycles": self.cycles,
+            "cycles_per_sec": self.rate.map(|r| (r * 10.0).round() / 10.0),
+            "rss_kib": self.f.rss_kib,
+            "fds": self.f.fds,
+            "connections": self.f.conns,
+            "tasks": self.f.tasks,
+            "errors": self.errors,
+        })
+    }
+}
+
+/// Samples the server every `every` until `stop`, printing each row as it is taken.
+async fn sample_loop(
+    pid: Option<String>,
+    admin: Option<Admin>,
+    ctr: Arc<ChurnCounters>,
+    every: Duration,
+    stop: CancellationToken,
+) -> Vec<Sample> {
+    let start = Instant::now();
+    let mut ticker = tokio::time::interval_at(start + every, every);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut rows = Vec::new();
+    let mut last = (start, 0u64);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let f = Figures::take(pid.as_deref(), admin.as_ref()).await;
+        let now = Instant::now();
+        let cycles = ctr.done();
+        #[allow(clippy::cast_precision_loss)]
+        let rate = (cycles - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-9);
+        last = (now, cycles);
+        let row = Sample {
+            label: format!("{:.0} s", (now - start).as_secs_f64()),
+            cycles,
+            rate: Some(rate),
+            errors: ctr.failed.load(Relaxed),
+            f,
+        };
+        eprintln!("{}", row.row());
+        rows.push(row);
+    }
+    rows
+}
+
+/// `soak`: standing connections, then connection churn; the server's RSS, fds and tasks
+/// must come back to the baseline.
+async fn soak(
+    common: &Common,
+    args: &SoakArgs,
+    target: &Target,
+    server: Option<u32>,
+    admin: Option<&Admin>,
+    run_id: &str,
+) -> Result<(Verdict, Report), String> {
+    if !(1..=10_000).contains(&args.workers) {
+        return Err("--workers must be between 1 and 10000".into());
+    }
+    if args.channels == 0 || args.channels > 100_000 {
+        return Err("--channels must be between 1 and 100000".into());
+    }
+    if !(1..=64).contains(&args.messages) {
+        return Err("--messages must be between 1 and 64".into());
+    }
+    if args.cycles == Some(0) {
+        return Err("--cycles must be at least 1".into());
+    }
+    if args.idle > 1_000_000 {
+        return Err("--idle must be at most 1,000,000".into());
+    }
+    check_secs("--sample-every", args.sample_every, false)?;
+    check_secs("--settle-timeout", args.settle_timeout, false)?;
+    check_secs("--echo-timeout", args.echo_timeout, false)?;
+    if !(args.tolerance.is_finite() && (0.0..=1000.0).contains(&args.tolerance)) {
+        return Err("--tolerance must be between 0 and 1000 (percent)".into());
+    }
+    if !(args.abrupt.is_finite() && (0.0..=100.0).contains(&args.abrupt)) {
+        return Err("--abrupt must be between 0 and 100 (percent)".into());
+    }
+    if args.max_errors == 0 {
+        return Err("--max-errors must be at least 1".into());
+    }
+    check_fd_limit(args.idle + args.workers);
+    let target = Arc::new(target.clone());
+    let pid = server.map(|p| p.to_string());
+    let pid = pid.as_deref();
+    let sh = Shared::new(run_id, 0);
+    let channels: Vec<String> = (0..args.channels)
+        .map(|j| format!("load-{run_id}-soak-{j}"))
+        .collect();
+    let standing = args.idle as u64;
+    let limits = Limits {
+        tolerance: args.tolerance,
+        slack: args.slack,
+    };
+
+    let before = Figures::take(pid, admin).await;
+    if let Some(e) = &before.scrape_error {
+        return Err(format!("--admin-url: {e}"));
+    }
+    if let Some(n) = before.conns
+        && n > 0
+    {
+        eprintln!(
+            "warning: the server already counts {n} connection(s) before this run; the \
+             settle waits for them to be back to that count plus the standing ones"
+        );
+    }
+    let others = before.conns.unwrap_or(0);
+
+    // Standing connections, held for the whole run.
+    let mut standing_set = None;
+    if args.idle > 0 {
+        eprintln!(
+            "soak: opening {} standing connection(s) over {} channel(s)",
+            args.idle, args.channels
+        );
+        let specs = (0..args.idle)
+            .map(|i| {
+                ConnSpec::new(
+                    username(run_id, 'i', i),
+                    channels[i % args.channels].clone(),
+                    i % args.channels,
+                    IDLE,
+                )
+            })
+            .collect();
+        let mut connected = connect_every(&sh, &target, specs, common, args.idle).await?;
+        let (sinks, readers) = split_conns(std::mem::take(&mut connected.conns));
+        standing_set = Some((connected, sinks, readers));
+    }
+
+    let cfg = Arc::new(ChurnCfg {
+        run_id: run_id.to_string(),
+        target: target.clone(),
+        channels,
+        opts: ConnectOpts::from(common),
+        messages: args.messages,
+        echo_timeout: secs(args.echo_timeout),
+        abrupt: args.abrupt / 100.0,
+        max_errors: args.max_errors,
+        next_id: AtomicU64::new(0),
+    });
+    let warmup_cycles = args.warmup_cycles.unwrap_or(args.workers as u64);
+    let warm = Arc::new(ChurnCounters::default());
+    if warmup_cycles > 0 {
+        eprintln!(
+            "  warm-up: {warmup_cycles} cycle(s) by {} worker(s)",
+            args.workers
+        );
+        churn(&cfg, &warm, args.workers, Some(warmup_cycles), None).await;
+    }
+    sleep(secs(common.warmup)).await;
+    let (baseline, _, ready) = settle_server(
+        pid,
+        admin,
+        others + standing,
+        secs(args.settle_timeout),
+        |_| true,
+    )
+    .await;
+    if !ready {
+        let msg = format!(
+            "the server counts {} connection(s), not the {} expected before the churn, \
+             after waiting {:.0} s: is another client connected to it?",
+            baseline.conns.map_or_else(|| "?".into(), |n| n.to_string()),
+            others + standing,
+            args.settle_timeout
+        );
+        if let Some((_, mut sinks, readers)) = standing_set {
+            close_all(&sh, &mut sinks, readers).await;
+        }
+        return Err(msg);
+    }
+
+    // The churn, sampled.
+    match args.cycles {
+        Some(n) => eprintln!("  churn: {n} cycles by {} worker(s)", args.workers),
+        None => eprintln!(
+            "  churn: {:.0} s by {} worker(s)",
+            common.duration, args.workers
+        ),
+    }
+    eprintln!("{}", Sample::HEADER);
+    let mut samples = vec![Sample {
+        label: "baseline".into(),
+        cycles: 0,
+        rate: None,
+        errors: 0,
+        f: baseline.clone(),
+    }];
+    eprintln!("{}", samples[0].row());
+    let ctr = Arc::new(ChurnCounters::default());
+    let stop_sampling = CancellationToken::new();
+    let sampler = tokio::spawn(sample_loop(
+        pid.map(str::to_string),
+        admin.cloned(),
+        ctr.clone(),
+        secs(args.sample_every),
+        stop_sampling.clone(),
+    ));
+    let deadline = match args.cycles {
+        Some(_) => None,
+        None => Some(Instant::now() + secs(common.duration)),
+    };
+    let (times, elapsed) = churn(&cfg, &ctr, args.workers, args.cycles, deadline).await;
+    stop_sampling.cancel();
+    match sampler.await {
+        Ok(rows) => samples.extend(rows),
+        Err(e) => eprintln!("warning: the sampler failed: {e}"),
+    }
+
+    // Settle: back to the standing connections, and (waiting at most the settle time for
+    // the server to release what it holds) to the baseline.
+    eprintln!("  churn over; waiting for the server to settle");
+    let (end, settle_secs, settled) = settle_server(
+        pid,
+        admin,
+        others + standing,
+        secs(args.settle_timeout),
+        |f| limits.met(&baseline, f),
+    )
+    .await;
+    let end_row = Sample {
+        label: "settled".into(),
+        cycles: ctr.done(),
+        rate: None,
+        errors: ctr.failed.load(Relaxed),
+        f: end.clone(),
+    };
+    eprintln!("{}", end_row.row());
+    samples.push(end_row);
+    let client_mem = read_mem("self");
+
+    // The standing connections must have lasted the whole run.
+    let still_open = sh.live.load(Relaxed);
+    let (standing_connected, totals) = match standing_set {
+        Some((connected, mut sinks, readers)) => {
+            let stats = close_all(&sh, &mut sinks, readers).await;
+            drop(sinks);
+            (Some(connected), Totals::of(&stats))
+        }
+        None => (None, Totals::default()),
+    };
+
+    let mut r = Report::new("soak", run_id, &target);
+    r.section("setup", "setup");
+    r.int("workers", "workers", args.workers as u64);
+    r.int("channels", "channels", args.channels as u64);
+    r.int(
+        "messages per cycle",
+        "messages_per_cycle",
+        u64::from(args.messages),
+    );
+    r.int("standing connections", "standing", standing);
+    match args.cycles {
+        Some(n) => r.int("cycles wanted", "cycles_wanted", n),
+        None => r.num("churn duration", "duration_secs", common.duration, " s"),
+    }
+    r.int(
+        "warm-up cycles (before the baseline)",
+        "warmup_cycles",
+        warmup_cycles,
+    );
+    if args.abrupt > 0.0 {
+        r.num(
+            "cycles without close handshake",
+            "abrupt_pct",
+            args.abrupt,
+            " %",
+        );
+    }
+    r.num("tolerance", "tolerance_pct", args.tolerance, " %");
+    r.int("slack (fds, tasks)", "slack", args.slack);
+    if let Some(c) = &standing_connected {
+        r.connect(c, args.idle, args.idle);
+    }
+
+    let done = ctr.done();
+    let failed = ctr.failed.load(Relaxed);
+    let sent = ctr.sent.load(Relaxed);
+    let acked = ctr.acked.load(Relaxed);
+    let errors = ctr.errors();
+    let secs_taken = elapsed.as_secs_f64();
+    r.section("churn", "churn");
+    r.int("cycles completed", "cycles", done);
+    r.int("cycles ok", "ok", ctr.ok.load(Relaxed));
+    r.int("cycles failed", "failed", failed);
+    r.num("seconds", "seconds", secs_taken, " s");
+    #[allow(clippy::cast_precision_loss)]
+    let rate = done as f64 / secs_taken.max(1e-9);
+    r.num("cycles/s", "cycles_per_sec", rate, "/s");
+    r.int(
+        "connect retries",
+        "connect_retries",
+        ctr.retries.load(Relaxed),
+    );
+    if args.abrupt > 0.0 {
+        r.int(
+            "ended without close handshake",
+            "abrupt",
+            ctr.abrupt.load(Relaxed),
+        );
+    }
+    r.int("messages sent", "sent", sent);
+    r.int("acknowledged (echo)", "acked", acked);
+    r.int("unacknowledged", "unacked", sent.saturating_sub(acked));
+    r.counts("errors", "errors", &errors);
+    if warmup_cycles > 0 {
+        r.int(
+            "warm-up cycles failed",
+            "warmup_failed",
+            warm.failed.load(Relaxed),
+        );
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let ms = |us: u64| us as f64 / 1000.0;
+    r.section("cycle latency", "cycle_latency");
+    for (label, key, h) in [
+        ("connect", "connect", &times.connect),
+        ("echo (send to last echo)", "echo", &times.echo),
+        ("whole cycle", "cycle", &times.cycle),
+    ] {
+        if h.count > 0 {
+            r.put(
+                label,
+                key,
+                json!({
+                    "p50_ms": ms(h.quantile(0.5)),
+                    "p99_ms": ms(h.quantile(0.99)),
+                    "max_ms": ms(h.max),
+                }),
+                format!(
+                    "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                    ms(h.quantile(0.5)),
+                    ms(h.quantile(0.99)),
+                    ms(h.max)
+                ),
+            );
+        }
+    }
+
+    r.table(
+        "samples",
+        "samples",
+        Sample::HEADER,
+        samples.iter().map(|s| (s.row(), s.json())).collect(),
+    );
+
+    let mut verdict = Verdict::Pass;
+    r.section("server after the churn", "server");
+    r.mem(
+        "RSS before the standing connections",
+        "rss_before_kib",
+        before.rss_kib.map(|rss_kib| Mem {
+            rss_kib,
+            hwm_kib: 0,
+        }),
+    );
+    if let Some(n) = end.conns {
+        r.put(
+            "connections (chatgate_connections)",
+            "connections",
+            json!({"expected": others + standing, "final": n}),
+            format!("{n} (expected {})", others + standing),
+        );
+    }
+    r.num(
+        "waited for the server to settle",
+        "settle_secs",
+        settle_secs,
+        " s",
+    );
+    r.put(
+        "settled (connections and limits met)",
+        "settled",
+        json!(settled),
+        if settled { "yes" } else { "no" },
+    );
+    let checks = limits.checks(&baseline, &end);
+    for c in &checks {
+        let shown = match (c.end, c.growth()) {
+            (Some(e), Some(g)) => format!(
+                "{}{u} -> {e}{u} ({g:+.1}%), limit {}{u}: {}",
+                c.baseline,
+                c.limit,
+                if c.ok() { "ok" } else { "TOO HIGH" },
+                u = c.unit
+            ),
+            _ => format!("{}{} at baseline, not read at the end", c.baseline, c.unit),
+        };
+        r.put(
+            c.name,
+            c.key,
+            json!({"baseline": c.baseline, "final": c.end, "limit": c.limit, "ok": c.ok()}),
+            shown,
+        );
+    }
+    for c in checks.iter().filter(|c| !c.ok()) {
+        verdict = Verdict::Fail;
+        r.warn(match (c.end, c.growth()) {
+            (Some(e), Some(g)) => format!(
+                "NOT BACK TO BASELINE: {} is {e}{u} after the churn, {} at baseline \
+                 ({g:+.1}%), over the limit of {}{u} ({}% tolerance{})",
+                c.name,
+                c.baseline,
+                c.limit,
+                args.tolerance,
+                if c.key == "rss_kib" {
+                    String::new()
+                } else {
+                    format!(" + {}", args.slack)
+                },
+                u = c.unit
+            ),
+            _ => format!("{} could not be read after the churn", c.name),
+        });
+    }
+    if admin.is_some() && end.conns != Some(others + standing) {
+        verdict = Verdict::Fail;
+        r.warn(format!(
+            "the server still counts {} connection(s) {settle_secs:.0} s after the churn, \
+             expected {}",
+            end.conns.map_or_else(|| "?".into(), |n| n.to_string()),
+            others + standing
+        ));
+    }
+    if let Some(e) = &end.scrape_error {
+        verdict = Verdict::Fail;
+        r.warn(format!("could not read the server's metrics: {e}"));
+    }
+    if pid.is_none() && admin.is_none() {
+        r.warn(
+            "resources not checked: give --server-pid (RSS, fds) and --admin-url \
+             (connections, tasks)"
+                .into(),
+        );
+    } else if pid.is_none() {
+        r.warn("RSS and fds not checked: give --server-pid".into());
+    } else if admin.is_none() {
+        r.warn("connections and tasks not checked: give --admin-url".into());
+    }
+    if failed > 0 {
+        verdict = Verdict::Fail;
+        r.warn(format!("{failed} cycle(s) failed"));
+    }
+    if ctr.stop.load(Relaxed) {
+        r.warn(format!(
+            "the churn stopped early after {} failed cycles (--max-errors)",
+            args.max_errors
+        ));
+    }
+    if let Some(wanted) = args.cycles
+        && done < wanted
+    {
+        verdict = Verdict::Fail;
+        r.warn(format!("{done} of {wanted} cycles ran"));
+    }
+    if acked < sent {
+        verdict = Verdict::Fail;
+        r.warn(format!(
+            "LOSS: {} sent message(s) never came back as an echo",
+            sent - acked
+        ));
+    }
+    let warm_failed = warm.failed.load(Relaxed);
+    if warm_failed > 0 {
+        verdict = Verdict::Fail;
+        r.warn(format!("{warm_failed} warm-up cycle(s) failed"));
+    }
+
+    r.section("standing connections", "standing");
+    r.int(
+        "open at the end of the churn",
+        "open_at_end",
+        still_open as u64,
+    );
+    r.int("ended early", "ended_early", totals.ended_early);
+    r.int("frames received", "frames", totals.frames);
+    if !totals.ended.is_empty() {
+        r.counts("early ends", "early_ends", &totals.ended);
+    }
+    if totals.ended_early > 0 || (still_open as u64) < standing {
+        verdict = Verdict::Fail;
+        r.warn(format!(
+            "{} standing connection(s) ended before the run closed them",
+            totals
+                .ended_early
+                .max(standing.saturating_sub(still_open as u64))
+        ));
+    }
+    r.section("client", "client");
+    r.mem("RSS", "rss_kib", client_mem);
+    Ok((verdict, r))
 }
 
 #[cfg(test)]
@@ -2856,6 +4389,54 @@ mod tests {
         assert!(parse_base("wss://127.0.0.1", "ws").is_err());
         assert!(parse_base("ws://127.0.0.1:8000/ws/chat", "ws").is_err());
         assert!(parse_base("ws://127.0.0.1:x", "ws").is_err());
+    }
+
+    #[test]
+    fn metrics_are_read_from_the_exposition() {
+        let m = Metrics(
+            "# HELP chatgate_connections Open WebSocket sessions.\n\
+             # TYPE chatgate_connections gauge\n\
+             chatgate_connections 104\n\
+             chatgate_connections_closed_total{reason=\"too_slow\"} 7\n\
+             chatgate_connections_closed_total{reason=\"client_closed\"} 90\n\
+             chatgate_runtime_tasks{replica=\"a\"} 211\n"
+                .into(),
+        );
+        assert_eq!(m.count("chatgate_connections", None), Some(104));
+        assert_eq!(m.count(TOO_SLOW.0, TOO_SLOW.1), Some(7));
+        assert_eq!(m.count("chatgate_connections_closed_total", None), Some(97));
+        assert_eq!(m.count("chatgate_runtime_tasks", None), Some(211));
+        assert_eq!(m.count("chatgate_runtime", None), None);
+    }
+
+    #[test]
+    fn soak_limits_allow_tolerance_and_slack() {
+        let limits = Limits {
+            tolerance: 10.0,
+            slack: 8,
+        };
+        let base = Figures {
+            rss_kib: Some(10_000),
+            fds: Some(120),
+            tasks: Some(200),
+            ..Figures::default()
+        };
+        let mut end = Figures {
+            rss_kib: Some(11_000),
+            fds: Some(140),
+            tasks: Some(228),
+            ..Figures::default()
+        };
+        assert!(limits.met(&base, &end));
+        end.rss_kib = Some(11_001);
+        assert!(!limits.met(&base, &end));
+        end.rss_kib = Some(9_000);
+        end.tasks = Some(229);
+        assert!(!limits.met(&base, &end));
+        end.tasks = None;
+        assert!(!limits.met(&base, &end), "a figure not read is not a pass");
+        // Figures missing at baseline are not checked.
+        assert_eq!(limits.checks(&Figures::default(), &end).len(), 0);
     }
 
     #[test]

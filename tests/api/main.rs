@@ -13,6 +13,7 @@ mod limits;
 mod reliability;
 mod replicas;
 mod rest;
+mod soak;
 mod store;
 mod telemetry;
 mod ws;
