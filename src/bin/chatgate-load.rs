@@ -2581,6 +2581,20 @@ impl Report {
 // ---------------------------------------------------------------------------------------
 
 /// Usernames are `<run>-<role><index>` (at most 16 + 1 + 1 + 7 characters).
+/// `count` idle connections spread round-robin over `channels`.
+fn idle_specs(run_id: &str, channels: &[String], count: usize) -> Vec<ConnSpec> {
+    (0..count)
+        .map(|i| {
+            ConnSpec::new(
+                username(run_id, 'i', i),
+                channels[i % channels.len()].clone(),
+                i % channels.len(),
+                IDLE,
+            )
+        })
+        .collect()
+}
+
 fn username(run_id: &str, role: char, i: usize) -> String {
     format!("{run_id}-{role}{i}")
 }
@@ -2606,16 +2620,7 @@ async fn idle(
     let channels: Vec<String> = (0..args.channels)
         .map(|j| format!("load-{run_id}-idle-{j}"))
         .collect();
-    let specs = (0..args.connections)
-        .map(|i| {
-            ConnSpec::new(
-                username(run_id, 'i', i),
-                channels[i % args.channels].clone(),
-                i % args.channels,
-                IDLE,
-            )
-        })
-        .collect();
+    let specs = idle_specs(run_id, &channels, args.connections);
     let mem_before = pid.as_deref().and_then(read_mem);
     eprintln!(
         "idle: opening {} connections over {} channels",
@@ -3931,16 +3936,7 @@ async fn soak(
             "soak: opening {} standing connection(s) over {} channel(s)",
             args.idle, args.channels
         );
-        let specs = (0..args.idle)
-            .map(|i| {
-                ConnSpec::new(
-                    username(run_id, 'i', i),
-                    channels[i % args.channels].clone(),
-                    i % args.channels,
-                    IDLE,
-                )
-            })
-            .collect();
+        let specs = idle_specs(run_id, &channels, args.idle);
         let mut connected = connect_every(&sh, &target, specs, common, args.idle).await?;
         let (sinks, readers) = split_conns(std::mem::take(&mut connected.conns));
         standing_set = Some((connected, sinks, readers));
