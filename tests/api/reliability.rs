@@ -148,11 +148,12 @@ async fn redis_restart_under_traffic_loses_no_acknowledged_message() {
                 .expect("acknowledged before the outage"),
         );
     }
-    // Redis goes away: sends get error frames (never a false ack), sockets stay open, and
-    // readiness fails.
+    // Redis goes away for ten seconds of traffic: sends get error frames (never a false
+    // ack), sockets stay open, and readiness fails.
+    let outage = tokio::time::Instant::now();
     redis.stop();
     a.wait_ready(503).await;
-    for _ in 0..5 {
+    while outage.elapsed() < std::time::Duration::from_secs(10) {
         match send_next(&mut sender, &mut n).await {
             Some(id) => acked.push(id),
             None => refused += 1,
