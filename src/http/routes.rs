@@ -224,19 +224,8 @@ async fn send_message(
         // is paced too.
         let verdict = match &state.limits {
             Some(limits) => {
-                let verdict = limits
-                    .message(sender.as_str())
-                    .instrument(tracing::debug_span!(
-                        "ratelimit.check",
-                        limit = "messages",
-                        allowed = tracing::field::Empty,
-                        decided = tracing::field::Empty,
-                    ))
-                    .await;
+                let verdict = limits.message_attempt(sender.as_str()).await;
                 if !verdict.allowed {
-                    crate::metrics::rate_limited("messages");
-                    crate::metrics::message_refused("rate_limited");
-                    tracing::Span::current().record("outcome", "rate_limited");
                     return Err(ApiError::RateLimited(verdict));
                 }
                 Some(Extension(RateHeaders(vec![verdict])))

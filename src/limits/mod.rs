@@ -26,6 +26,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::LimitsConfig;
 use crate::store::RateStore;
@@ -370,6 +371,27 @@ impl Limits {
         let span = tracing::Span::current();
         span.record("allowed", verdict.allowed);
         span.record("decided", "local");
+        verdict
+    }
+
+    /// One message attempt of `user` (WebSocket or REST): [`Limits::message`] in its own
+    /// `ratelimit.check` span; a refusal is counted and recorded as the current span's
+    /// `outcome`.
+    pub async fn message_attempt(&self, user: &str) -> Verdict {
+        let verdict = self
+            .message(user)
+            .instrument(tracing::debug_span!(
+                "ratelimit.check",
+                limit = "messages",
+                allowed = tracing::field::Empty,
+                decided = tracing::field::Empty,
+            ))
+            .await;
+        if !verdict.allowed {
+            crate::metrics::rate_limited("messages");
+            crate::metrics::message_refused("rate_limited");
+            tracing::Span::current().record("outcome", "rate_limited");
+        }
         verdict
     }
 

@@ -357,19 +357,8 @@ where
     // The budget first: every attempt costs one, so invalid content (which can be
     // expensive to check, like a large data URL) is paced like valid content.
     if let Some(limits) = &settings.limits {
-        let verdict = limits
-            .message(conn.username.as_str())
-            .instrument(tracing::debug_span!(
-                "ratelimit.check",
-                limit = "messages",
-                allowed = tracing::field::Empty,
-                decided = tracing::field::Empty,
-            ))
-            .await;
+        let verdict = limits.message_attempt(conn.username.as_str()).await;
         if !verdict.allowed {
-            crate::metrics::rate_limited("messages");
-            crate::metrics::message_refused("rate_limited");
-            tracing::Span::current().record("outcome", "rate_limited");
             let frame = ServerFrame::Error {
                 code: "rate_limited",
                 detail: "too many messages: wait retry_after_ms before sending again".into(),
