@@ -24,6 +24,10 @@ use tracing_subscriber::prelude::*;
 
 use crate::config::{Config, LogFormat, TelemetryConfig};
 
+/// Whether spans are exported: without it there is no trace context to look up, so the
+/// per-message trace-context code is skipped.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Keeps the trace pipeline alive; [`Telemetry::shutdown`] flushes it.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -93,6 +97,7 @@ pub fn init(config: &Config, runtime: &tokio::runtime::Runtime) -> Result<Teleme
         .with(traces)
         .try_init()
         .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
+    EXPORTING.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
     Ok(Telemetry { provider })
 }
 
@@ -145,6 +150,9 @@ fn provider(
 pub fn current_traceparent() -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if !EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
     let context = tracing::Span::current().context();
     let span = context.span();
     let sc = span.span_context();
