@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::limits::Limits;
 use crate::state::{AppState, Inner};
 use crate::store::memory::MemoryStore;
-use crate::store::redis::{Keys, RedisStore};
+use crate::store::redis::{Keys, RedisStore, WaitReplicas};
 use crate::store::{RateStore, Store, StoreSettings};
 use crate::ws::session::SessionSettings;
 
@@ -82,12 +82,16 @@ impl Application {
         };
 
         let (store, bus, shared_rates): Backends = if config.uses_redis() {
-            let (client, conn) = crate::store::redis::connect(&config.redis)
-                .await
-                .map_err(StartupError::Redis)?;
-            let keys = Keys::new(&config.redis.key_prefix);
+            let upstream = crate::store::connection::connect(
+                &config.redis,
+                background.clone(),
+                &background_tasks,
+            )
+            .await
+            .map_err(StartupError::Redis)?;
+            let keys = Keys::new(&config.redis.key_prefix, config.redis.tagged_keys());
             let bus = RedisBus::start(
-                client,
+                upstream.bus,
                 keys.clone(),
                 hub.clone(),
                 BusTimeouts {
@@ -97,8 +101,20 @@ impl Application {
                 background.clone(),
                 &background_tasks,
             );
-            tracing::info!(redis = %config.redis.redacted_url(), replica, "store and bus on Redis");
-            let store = Arc::new(RedisStore::new(conn, keys, settings));
+            tracing::info!(redis = %config.redis.describe(), mode = config.redis.mode.as_str(),
+                replica, "store and bus on Redis");
+            let wait = (config.redis.wait_replicas > 0).then_some(WaitReplicas {
+                replicas: config.redis.wait_replicas,
+                timeout_ms: config.redis.wait_timeout_ms,
+            });
+            let sharded = config.redis.mode == crate::config::RedisMode::Cluster;
+            let store = Arc::new(RedisStore::new(
+                upstream.conn,
+                keys,
+                settings,
+                sharded,
+                wait,
+            ));
             (store.clone(), Arc::new(bus), Some(store))
         } else {
             let bus = Arc::new(MemoryBus::new(hub.clone()));

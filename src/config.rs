@@ -69,12 +69,59 @@ pub struct ServerConfig {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// May hold a password: never print it; use [`RedisConfig::redacted_url`].
+    pub mode: RedisMode,
+    /// Standalone mode. May hold a password: never print it; use
+    /// [`RedisConfig::redacted_url`].
     pub url: String,
+    /// Cluster mode: seed nodes (`redis://host:port`); the rest is discovered.
+    pub nodes: Vec<String>,
+    /// Sentinel mode: the Sentinels (`redis://host:26379`).
+    pub sentinels: Vec<String>,
+    /// Sentinel mode: the monitored primary's name.
+    pub sentinel_master: String,
+    /// How often (ms) Sentinel is asked which node is the primary.
+    pub sentinel_poll_ms: u64,
+    /// Credentials of the data nodes (cluster and Sentinel mode; in standalone mode they
+    /// override the URL's).
+    pub username: String,
+    pub password: Secret,
+    /// Credentials of the Sentinels themselves.
+    pub sentinel_username: String,
+    pub sentinel_password: Secret,
+    /// Sentinel mode: the database number (a cluster has only 0).
+    pub db: i64,
+    /// Put `{channel}` hash tags in key names (always on in cluster mode).
+    pub hash_tags: bool,
+    /// Replicas that must confirm a message (Redis `WAIT`) before it is acknowledged;
+    /// 0 acknowledges once the primary has it.
+    pub wait_replicas: u32,
+    pub wait_timeout_ms: u64,
     pub key_prefix: String,
     pub connect_timeout_ms: u64,
     pub command_timeout_ms: u64,
     pub startup_timeout_secs: u64,
+}
+
+/// How chatgate reaches Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One server (or a managed endpoint that looks like one).
+    Standalone,
+    /// Redis Cluster: keys spread over shards by hash slot; fan-out on sharded pub/sub.
+    Cluster,
+    /// One primary with replicas, found and followed through Sentinel.
+    Sentinel,
+}
+
+impl RedisMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Standalone => "standalone",
+            Self::Cluster => "cluster",
+            Self::Sentinel => "sentinel",
+        }
+    }
 }
 
 impl RedisConfig {
@@ -82,12 +129,53 @@ impl RedisConfig {
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
     }
+
+    /// Where Redis is, for logs: the mode and its (redacted) addresses.
+    pub fn describe(&self) -> String {
+        let redacted = |list: &[String]| {
+            list.iter()
+                .map(|u| redact_url(u))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match self.mode {
+            RedisMode::Standalone => self.redacted_url(),
+            RedisMode::Cluster => format!("cluster {}", redacted(&self.nodes)),
+            RedisMode::Sentinel => format!(
+                "sentinel {} master {}",
+                redacted(&self.sentinels),
+                self.sentinel_master
+            ),
+        }
+    }
+
+    /// Whether any Redis address is configured for the mode.
+    pub fn is_configured(&self) -> bool {
+        match self.mode {
+            RedisMode::Standalone => !self.url.is_empty(),
+            RedisMode::Cluster => !self.nodes.is_empty(),
+            RedisMode::Sentinel => !self.sentinels.is_empty(),
+        }
+    }
+
+    /// Whether keys carry `{channel}` hash tags.
+    pub fn tagged_keys(&self) -> bool {
+        self.hash_tags || self.mode == RedisMode::Cluster
+    }
 }
 
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
+            .field("mode", &self.mode)
             .field("url", &self.redacted_url())
+            .field("nodes", &self.nodes)
+            .field("sentinels", &self.sentinels)
+            .field("sentinel_master", &self.sentinel_master)
+            .field("password", &self.password)
+            .field("sentinel_password", &self.sentinel_password)
+            .field("hash_tags", &self.hash_tags)
+            .field("wait_replicas", &self.wait_replicas)
             .field("key_prefix", &self.key_prefix)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("command_timeout_ms", &self.command_timeout_ms)
@@ -450,6 +538,7 @@ impl Config {
 
     /// Cross-field checks; pushes one line per problem.
     fn validate(&self, problems: &mut Vec<String>) {
+        self.validate_redis(problems);
         let mut check = |ok: bool, msg: &str| {
             if !ok {
                 problems.push(msg.to_string());
@@ -591,19 +680,14 @@ impl Config {
             !self.redis.key_prefix.contains(['{', '}', ' ']),
             "redis.key_prefix must not contain braces or spaces",
         );
-        if !self.redis.url.is_empty() {
-            check(
-                self.redis.url.starts_with("redis://"),
-                "redis.url must start with redis:// (TLS, rediss://, is not supported by this build)",
-            );
-        }
         match self.store.backend {
             Backend::Redis => check(
-                !self.redis.url.is_empty(),
-                "store.backend = \"redis\" needs redis.url (or REDIS_URL / REDIS_HOST)",
+                self.redis.is_configured(),
+                "store.backend = \"redis\" needs redis.url (or REDIS_URL / REDIS_HOST), \
+                 redis.nodes (cluster) or redis.sentinels (sentinel)",
             ),
             Backend::Auto => check(
-                self.dev || !self.redis.url.is_empty(),
+                self.dev || self.redis.is_configured(),
                 "no Redis configured: set redis.url (or REDIS_URL / REDIS_HOST), or choose \
                  store.backend = \"memory\" for a single process, or run with --dev",
             ),
@@ -716,8 +800,69 @@ impl Config {
         match self.store.backend {
             Backend::Redis => true,
             Backend::Memory => false,
-            Backend::Auto => !self.redis.url.is_empty(),
+            Backend::Auto => self.redis.is_configured(),
         }
+    }
+
+    fn validate_redis(&self, problems: &mut Vec<String>) {
+        let mut check = |ok: bool, msg: &str| {
+            if !ok {
+                problems.push(msg.to_string());
+            }
+        };
+        let r = &self.redis;
+        let plain = |u: &String| u.starts_with("redis://");
+        if !r.url.is_empty() {
+            check(
+                plain(&r.url),
+                "redis.url must start with redis:// (TLS, rediss://, is not supported by this build)",
+            );
+        }
+        for (key, list) in [("nodes", &r.nodes), ("sentinels", &r.sentinels)] {
+            check(
+                list.iter().all(plain),
+                &format!("redis.{key}: every address must start with redis://"),
+            );
+            check(
+                list.iter().all(|u| !u.contains('@')),
+                &format!(
+                    "redis.{key}: no credentials in addresses; use redis.password / \
+                     redis.sentinel_password (from a secret)"
+                ),
+            );
+        }
+        match r.mode {
+            RedisMode::Standalone => {}
+            RedisMode::Cluster => {
+                check(
+                    r.url.is_empty() && r.sentinels.is_empty(),
+                    "redis.mode = \"cluster\" takes redis.nodes, not redis.url or redis.sentinels",
+                );
+                check(
+                    r.wait_replicas == 0,
+                    "redis.wait_replicas is not supported in cluster mode",
+                );
+                check(r.db == 0, "redis.db must be 0 in cluster mode");
+            }
+            RedisMode::Sentinel => {
+                check(
+                    r.url.is_empty() && r.nodes.is_empty(),
+                    "redis.mode = \"sentinel\" takes redis.sentinels, not redis.url or redis.nodes",
+                );
+                check(
+                    !r.sentinel_master.is_empty(),
+                    "redis.sentinel_master must name the monitored primary",
+                );
+                check(
+                    r.sentinel_poll_ms >= 100,
+                    "redis.sentinel_poll_ms must be at least 100",
+                );
+            }
+        }
+        check(
+            r.wait_replicas == 0 || r.wait_timeout_ms >= 1,
+            "redis.wait_timeout_ms must be at least 1 when redis.wait_replicas is set",
+        );
     }
 }
 
@@ -1164,6 +1309,87 @@ mod tests {
         .unwrap();
         assert_eq!(config.log.format, LogFormat::Json);
         assert!(!config.auth.enabled);
+    }
+
+    #[test]
+    fn cluster_and_sentinel_modes_are_configured_by_their_own_keys() {
+        let config = Config::load(&vars(&[
+            ("CHATGATE_REDIS__MODE", "cluster"),
+            ("CHATGATE_REDIS__NODES", "redis://a:6379, redis://b:6379"),
+            ("CHATGATE_REDIS__PASSWORD", "s3cret"),
+        ]))
+        .unwrap();
+        assert_eq!(config.redis.mode, RedisMode::Cluster);
+        assert_eq!(config.redis.nodes, ["redis://a:6379", "redis://b:6379"]);
+        assert!(config.uses_redis());
+        assert!(
+            config.redis.tagged_keys(),
+            "cluster keys always carry hash tags"
+        );
+        assert_eq!(
+            config.redis.describe(),
+            "cluster redis://a:6379,redis://b:6379"
+        );
+        assert!(!format!("{:?}", config.redis).contains("s3cret"));
+
+        let config = Config::load(&vars(&[
+            ("CHATGATE_REDIS__MODE", "sentinel"),
+            ("CHATGATE_REDIS__SENTINELS", "redis://s1:26379"),
+            ("CHATGATE_REDIS__SENTINEL_MASTER", "chat"),
+        ]))
+        .unwrap();
+        assert!(config.uses_redis());
+        assert!(!config.redis.tagged_keys());
+        assert_eq!(
+            config.redis.describe(),
+            "sentinel redis://s1:26379 master chat"
+        );
+    }
+
+    #[test]
+    fn redis_mode_mistakes_are_refused() {
+        let refused = |list: &[(&str, &str)], needle: &str| {
+            let err = Config::load(&vars(list)).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        };
+        refused(&[("CHATGATE_REDIS__MODE", "ring")], "redis.mode");
+        refused(
+            &[
+                ("CHATGATE_REDIS__MODE", "cluster"),
+                ("CHATGATE_REDIS__URL", "redis://a:6379"),
+            ],
+            "takes redis.nodes",
+        );
+        refused(
+            &[
+                ("CHATGATE_REDIS__MODE", "cluster"),
+                ("CHATGATE_REDIS__NODES", "redis://:hunter2@a:6379"),
+            ],
+            "no credentials in addresses",
+        );
+        refused(
+            &[
+                ("CHATGATE_REDIS__MODE", "cluster"),
+                ("CHATGATE_REDIS__NODES", "redis://a:6379"),
+                ("CHATGATE_REDIS__WAIT_REPLICAS", "1"),
+            ],
+            "wait_replicas",
+        );
+        refused(
+            &[
+                ("CHATGATE_REDIS__MODE", "sentinel"),
+                ("CHATGATE_REDIS__SENTINELS", "rediss://s:26379"),
+            ],
+            "must start with redis://",
+        );
+        refused(
+            &[
+                ("CHATGATE_REDIS__MODE", "sentinel"),
+                ("CHATGATE_STORE__BACKEND", "redis"),
+            ],
+            "redis.sentinels",
+        );
     }
 
     #[test]

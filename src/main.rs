@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use chatgate::config::{Overrides, redact_url};
+use chatgate::config::Overrides;
 use chatgate::{Application, Config};
 use clap::Parser;
 use toml::Value;
@@ -85,10 +85,10 @@ fn main() -> ExitCode {
             } else {
                 "memory"
             },
-            if config.redis.url.is_empty() {
-                "none".to_string()
+            if config.redis.is_configured() {
+                config.redis.describe()
             } else {
-                redact_url(&config.redis.url)
+                "none".to_string()
             }
         );
         return ExitCode::SUCCESS;

@@ -7,6 +7,7 @@
 
 use async_trait::async_trait;
 
+mod cluster;
 pub mod hub;
 pub mod memory;
 pub mod redis;

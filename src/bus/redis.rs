@@ -1,6 +1,8 @@
-//! The Redis bus: one pub/sub connection per process.
+//! The Redis bus: one pub/sub connection per process (standalone and Sentinel mode; a
+//! cluster's sharded subscriptions are in [`super::cluster`]).
 //!
-//! A single task owns the connection. Sessions ask it, through a queue, to subscribe to
+//! A single task owns the connection. In Sentinel mode it connects to the current
+//! primary and moves (resubscribing everything) whenever the primary changes. Sessions ask it, through a queue, to subscribe to
 //! their channel (and wait for the confirmation) and to release it when they leave; the
 //! task keeps a subscription exactly while the hub has members for it. When the connection
 //! drops (Redis restarted, network cut, a ping unanswered) the task reconnects with capped
@@ -14,12 +16,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Bus, BusError, Deliver};
+use crate::store::connection::{BusSource, SentinelPrimary};
 use crate::store::redis::Keys;
 
 /// How often the subscriber pings Redis to notice a dead connection that sent no RST.
@@ -28,7 +31,7 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-enum Command {
+pub(super) enum Command {
     Subscribe(String, oneshot::Sender<()>),
     Release(String),
 }
@@ -52,7 +55,7 @@ pub struct BusTimeouts {
 impl RedisBus {
     /// Starts the subscriber task on `tracker`; it stops when `shutdown` is cancelled.
     pub fn start(
-        client: redis::Client,
+        source: BusSource,
         keys: Keys,
         sink: Arc<dyn Deliver>,
         timeouts: BusTimeouts,
@@ -62,13 +65,30 @@ impl RedisBus {
         let (commands, rx) = mpsc::unbounded_channel();
         let ready = Arc::new(AtomicBool::new(false));
         let reconnects = Arc::new(AtomicU64::new(0));
-        let subscriber = Subscriber {
-            client,
+        let links = Links {
             keys,
             sink,
             timeouts,
             ready: ready.clone(),
             reconnects: reconnects.clone(),
+        };
+        let target = match source {
+            BusSource::Fixed(client) => Target::Fixed(client),
+            BusSource::Sentinel(primary) => Target::Sentinel(primary),
+            BusSource::Cluster { conn, pushes } => {
+                let subscriber = super::cluster::ClusterSubscriber::new(conn, links);
+                tracker.spawn(subscriber.run(rx, pushes, shutdown));
+                return Self {
+                    commands,
+                    ready,
+                    wait: timeouts.connect + timeouts.command,
+                    reconnects,
+                };
+            }
+        };
+        let subscriber = Subscriber {
+            target,
+            links,
             wanted: HashSet::new(),
             waiting: Vec::new(),
         };
@@ -91,7 +111,7 @@ impl Bus for RedisBus {
             .map_err(|_| BusError("subscriber stopped".into()))?;
         match timeout(self.wait, done).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(BusError("subscriber stopped".into())),
+            Ok(Err(_)) => Err(BusError("subscription failed".into())),
             Err(_) => Err(BusError("subscription not confirmed in time".into())),
         }
     }
@@ -105,13 +125,55 @@ impl Bus for RedisBus {
     }
 }
 
+/// Where the pub/sub connection goes.
+enum Target {
+    Fixed(redis::Client),
+    Sentinel(Arc<SentinelPrimary>),
+}
+
+impl Target {
+    fn client(&self) -> Option<redis::Client> {
+        match self {
+            Self::Fixed(client) => Some(client.clone()),
+            Self::Sentinel(primary) => primary.client(),
+        }
+    }
+
+    /// Changes when the connection must move (a new primary).
+    fn moves(&self) -> Option<watch::Receiver<u64>> {
+        match self {
+            Self::Fixed(_) => None,
+            Self::Sentinel(primary) => Some(primary.changes()),
+        }
+    }
+}
+
+/// Resolves when `moves` changes; never without one.
+async fn moved(moves: &mut Option<watch::Receiver<u64>>) {
+    match moves {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// What every subscriber task works with.
+pub(super) struct Links {
+    pub keys: Keys,
+    pub sink: Arc<dyn Deliver>,
+    pub timeouts: BusTimeouts,
+    /// Whether events are flowing (`/readyz`).
+    pub ready: Arc<AtomicBool>,
+    /// Times the subscriptions were re-established.
+    pub reconnects: Arc<AtomicU64>,
+}
+
 struct Subscriber {
-    client: redis::Client,
-    keys: Keys,
-    sink: Arc<dyn Deliver>,
-    timeouts: BusTimeouts,
-    ready: Arc<AtomicBool>,
-    reconnects: Arc<AtomicU64>,
+    target: Target,
+    links: Links,
     /// Chat channels currently subscribed (or to subscribe on reconnect).
     wanted: HashSet<String>,
     /// Sessions waiting for a confirmation while the connection is down.
@@ -131,7 +193,7 @@ impl Subscriber {
             let exit = self
                 .session(&mut rx, &shutdown, &mut connected_before)
                 .await;
-            if self.ready.swap(false, Ordering::AcqRel) {
+            if self.links.ready.swap(false, Ordering::AcqRel) {
                 // This connection worked: the next outage starts from the shortest pause.
                 backoff = BACKOFF_MIN;
             }
@@ -168,7 +230,7 @@ impl Subscriber {
                 self.waiting.push(ack);
             }
             Command::Release(channel) => {
-                if !self.sink.has_members(&channel) {
+                if !self.links.sink.has_members(&channel) {
                     self.wanted.remove(&channel);
                 }
             }
@@ -182,7 +244,14 @@ impl Subscriber {
         shutdown: &CancellationToken,
         connected_before: &mut bool,
     ) -> Exit {
-        let connect = timeout(self.timeouts.connect, self.client.get_async_pubsub());
+        let mut moves = self.target.moves();
+        if let Some(rx) = &mut moves {
+            rx.mark_unchanged();
+        }
+        let Some(client) = self.target.client() else {
+            return Exit::Disconnected("no Redis primary known".into());
+        };
+        let connect = timeout(self.links.timeouts.connect, client.get_async_pubsub());
         let pubsub = tokio::select! {
             () = shutdown.cancelled() => return Exit::Shutdown,
             r = connect => match r {
@@ -194,25 +263,25 @@ impl Subscriber {
         let (mut sink, mut stream) = pubsub.split();
 
         // The hub is the truth for what is wanted; keep queued subscribes too.
-        self.wanted.retain(|ch| self.sink.has_members(ch));
+        self.wanted.retain(|ch| self.links.sink.has_members(ch));
         let mut wanted: Vec<String> = self.wanted.iter().cloned().collect();
-        wanted.extend(self.sink.channels());
+        wanted.extend(self.links.sink.channels());
         wanted.sort();
         wanted.dedup();
         if !wanted.is_empty() {
-            let names: Vec<String> = wanted.iter().map(|c| self.keys.events(c)).collect();
-            match timeout(self.timeouts.command, sink.subscribe(&names)).await {
+            let names: Vec<String> = wanted.iter().map(|c| self.links.keys.events(c)).collect();
+            match timeout(self.links.timeouts.command, sink.subscribe(&names)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Exit::Disconnected(e.to_string()),
                 Err(_) => return Exit::Disconnected("resubscribe timed out".into()),
             }
         }
         self.wanted = wanted.into_iter().collect();
-        self.ready.store(true, Ordering::Release);
+        self.links.ready.store(true, Ordering::Release);
         if *connected_before {
-            self.reconnects.fetch_add(1, Ordering::Relaxed);
+            self.links.reconnects.fetch_add(1, Ordering::Relaxed);
             crate::metrics::pubsub_reconnected();
-            self.sink.resync();
+            self.links.sink.resync();
             tracing::info!(
                 channels = self.wanted.len(),
                 "bus subscriber reconnected and resubscribed"
@@ -231,6 +300,9 @@ impl Subscriber {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Exit::Shutdown,
+                () = moved(&mut moves) => {
+                    return Exit::Disconnected("the Redis primary changed".into());
+                }
                 cmd = rx.recv() => match cmd {
                     None => return Exit::Shutdown,
                     Some(Command::Subscribe(channel, ack)) => {
@@ -238,8 +310,8 @@ impl Subscriber {
                             let _ = ack.send(());
                             continue;
                         }
-                        let name = self.keys.events(&channel);
-                        match timeout(self.timeouts.command, sink.subscribe(&name)).await {
+                        let name = self.links.keys.events(&channel);
+                        match timeout(self.links.timeouts.command, sink.subscribe(&name)).await {
                             Ok(Ok(())) => {
                                 self.wanted.insert(channel);
                                 let _ = ack.send(());
@@ -252,19 +324,19 @@ impl Subscriber {
                         }
                     }
                     Some(Command::Release(channel)) => {
-                        if self.sink.has_members(&channel) || !self.wanted.remove(&channel) {
+                        if self.links.sink.has_members(&channel) || !self.wanted.remove(&channel) {
                             continue;
                         }
-                        let name = self.keys.events(&channel);
+                        let name = self.links.keys.events(&channel);
                         if let failed @ (Ok(Err(_)) | Err(_)) =
-                            timeout(self.timeouts.command, sink.unsubscribe(&name)).await
+                            timeout(self.links.timeouts.command, sink.unsubscribe(&name)).await
                         {
                             return Exit::Disconnected(describe(failed));
                         }
                     }
                 },
                 _ = ping.tick() => {
-                    let pong = timeout(self.timeouts.command, sink.ping::<redis::Value>()).await;
+                    let pong = timeout(self.links.timeouts.command, sink.ping::<redis::Value>()).await;
                     if let failed @ (Ok(Err(_)) | Err(_)) = pong {
                         return Exit::Disconnected(describe(failed.map(|r| r.map(drop))));
                     }
@@ -273,8 +345,8 @@ impl Subscriber {
                     let Some(msg) = msg else {
                         return Exit::Disconnected("connection closed".into());
                     };
-                    if let Some(channel) = self.keys.channel_of_events(msg.get_channel_name()) {
-                        self.sink.deliver(channel, msg.get_payload_bytes());
+                    if let Some(channel) = self.links.keys.channel_of_events(msg.get_channel_name()) {
+                        self.links.sink.deliver(channel, msg.get_payload_bytes());
                     }
                 }
             }

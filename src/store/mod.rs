@@ -14,6 +14,7 @@ use async_trait::async_trait;
 
 use crate::chat::model::{ChannelName, MessageId, Username};
 
+pub mod connection;
 pub mod memory;
 pub mod redis;
 

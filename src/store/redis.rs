@@ -3,68 +3,92 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `chat:<ch>:messages` | list | history, newest first, capped, TTL refreshed per message (the original's key) |
-//! | `chat:<ch>:events` | pub/sub channel | bus events of the channel |
+//! | `chat:<ch>:events` | pub/sub channel | bus events of the channel (sharded pub/sub in cluster mode) |
 //! | `chat:<ch>:presence` | sorted set | user → deadline (ms) of their freshest connection |
 //! | `chat:<ch>:presence:<user>` | sorted set | connection key → deadline (ms) |
 //! | `typing:<ch>:<user>` | string | `typing`, with the typing TTL (the original's key) |
 //! | `chat:channels` | sorted set | channel → time of its last message (s), replaces `KEYS chat:*` |
+//! | `ratelimit:<key>` | string | a shared rate budget (GCRA) |
 //!
-//! All keys carry `redis.key_prefix`. Every multi-step write is one Lua script that also
-//! publishes the matching event, and scripts take time from Redis (`TIME`), never from a
-//! replica's clock, so replicas with skewed clocks agree on presence deadlines.
+//! All keys carry `redis.key_prefix`. With hash tags (always in cluster mode) `<ch>` is
+//! written `{<ch>}`, so every key and the bus channel of one chat channel hash to one
+//! cluster slot: each script touches one slot only, and a message is published on that
+//! slot's shard (`SPUBLISH`) instead of being broadcast to every node. The registry is the
+//! one key that is not per channel; it is written by its own small script, never together
+//! with a channel's keys.
+//!
+//! Every multi-step write of a channel is one Lua script that also publishes the matching
+//! event, and scripts take time from Redis (`TIME`), never from a replica's clock, so
+//! replicas with skewed clocks agree on presence deadlines.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use super::connection::Conn;
 use super::{
     Deleted, PresenceEntry, PresenceMember, RateOutcome, RateStore, Store, StoreError, StoreResult,
     StoreSettings,
 };
 use crate::chat::model::{ChannelName, MessageId, Username};
-use crate::config::RedisConfig;
 
 /// Names of every key and pub/sub channel, with the configured prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    /// Channel names inside `{}`: a Redis Cluster hash tag.
+    tagged: bool,
 }
 
 impl Keys {
-    pub fn new(prefix: &str) -> Self {
+    pub fn new(prefix: &str, tagged: bool) -> Self {
         Self {
             prefix: prefix.to_string(),
+            tagged,
+        }
+    }
+
+    /// `<prefix><kind>:<ch>:` with the channel hash-tagged when configured.
+    fn scoped(&self, kind: &str, ch: &str) -> String {
+        if self.tagged {
+            format!("{}{kind}:{{{ch}}}:", self.prefix)
+        } else {
+            format!("{}{kind}:{ch}:", self.prefix)
         }
     }
 
     pub fn history(&self, ch: &ChannelName) -> String {
-        format!("{}chat:{ch}:messages", self.prefix)
+        self.scoped("chat", ch.as_str()) + "messages"
     }
 
     pub fn events(&self, ch: &str) -> String {
-        format!("{}chat:{ch}:events", self.prefix)
+        self.scoped("chat", ch) + "events"
     }
 
     /// The chat channel a bus channel name belongs to, if it is one of ours.
     pub fn channel_of_events<'a>(&self, bus_channel: &'a str) -> Option<&'a str> {
-        bus_channel
+        let ch = bus_channel
             .strip_prefix(self.prefix.as_str())?
             .strip_prefix("chat:")?
-            .strip_suffix(":events")
+            .strip_suffix(":events")?;
+        if self.tagged {
+            ch.strip_prefix('{')?.strip_suffix('}')
+        } else {
+            Some(ch)
+        }
     }
 
     pub fn presence_users(&self, ch: &ChannelName) -> String {
-        format!("{}chat:{ch}:presence", self.prefix)
+        self.scoped("chat", ch.as_str()) + "presence"
     }
 
     pub fn presence_conns(&self, ch: &ChannelName, user: &str) -> String {
-        format!("{}chat:{ch}:presence:{user}", self.prefix)
+        self.scoped("chat", ch.as_str()) + "presence:" + user
     }
 
     pub fn typing(&self, ch: &ChannelName, user: &Username) -> String {
-        format!("{}typing:{ch}:{user}", self.prefix)
+        self.scoped("typing", ch.as_str()) + user.as_str()
     }
 
     pub fn channels(&self) -> String {
@@ -124,19 +148,28 @@ redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
 return {1, math.floor((now - allow_at) / emission), 0, new_tat - now}
 ";
 
-/// KEYS: history, channels. ARGV: entry, cap, ttl secs, channel name, bus channel, event.
-/// ARGV[7] is `1` when this replica has not refreshed the channel's TTL and registry entry
-/// for a while; a new list (length 1) is always refreshed, so no history key is ever left
-/// without its TTL.
+/// KEYS: history. ARGV: entry, cap, ttl secs, bus channel, event, touch. `touch` is `1`
+/// when this replica has not refreshed the channel's TTL and registry entry for a while;
+/// a new list (length 1) always gets its TTL, so no history key is ever left without one.
+/// Returns 1 when the caller should (re-)register the channel.
 const APPEND: &str = r"
 local len = redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
-if ARGV[7] == '1' or len == 1 then
+local touch = ARGV[6] == '1' or len == 1
+if touch then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[2], t[1], ARGV[4])
 end
-redis.call('PUBLISH', ARGV[5], ARGV[6])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+if touch then return 1 end
+return 0
+";
+
+/// KEYS: channels. ARGV: channel name. Records the channel's latest activity (Redis time,
+/// seconds) in the registry. Separate from the append: the registry is one key for all
+/// channels, so in a cluster it lives in another slot than the channel's keys.
+const REGISTER: &str = r"
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], t[1], ARGV[1])
 return 1
 ";
 
@@ -147,8 +180,9 @@ const TOUCH_EVERY: Duration = Duration::from_secs(30);
 /// Channels remembered as recently touched before old entries are pruned.
 const TOUCH_MEMORY: usize = 10_000;
 
-/// KEYS: history, channels. ARGV: message id, bus channel, event, channel name, owner
-/// (empty: anyone's). Returns 1 deleted, 0 not found, 2 found but owned by someone else.
+/// KEYS: history. ARGV: message id, bus channel, event, owner (empty: anyone's).
+/// Returns 1 deleted, 3 deleted the last entry, 0 not found, 2 found but owned by someone
+/// else.
 /// Scans newest first, a page at a time (entries can be large), for entries holding the
 /// quoted id (so compact and spaced JSON, ours and the original's, both match); a decode
 /// confirms the match. The id is checked by the caller to be letters, digits and `-`.
@@ -163,14 +197,14 @@ while start < len do
   if string.find(item, needle, 1, true) then
     local ok, decoded = pcall(cjson.decode, item)
     if ok and type(decoded) == 'table' and decoded['message_id'] == ARGV[1] then
-      if ARGV[5] ~= '' and decoded['sender'] ~= ARGV[5] then
+      if ARGV[4] ~= '' and decoded['sender'] ~= ARGV[4] then
         return 2
       end
       redis.call('LREM', KEYS[1], 1, item)
-      if redis.call('EXISTS', KEYS[1]) == 0 then
-        redis.call('ZREM', KEYS[2], ARGV[4])
-      end
       redis.call('PUBLISH', ARGV[2], ARGV[3])
+      if redis.call('EXISTS', KEYS[1]) == 0 then
+        return 3
+      end
       return 1
     end
   end
@@ -266,6 +300,7 @@ const REFRESH_BATCH: usize = 500;
 
 struct Scripts {
     append: Script,
+    register: Script,
     delete: Script,
     channels: Script,
     join: Script,
@@ -278,28 +313,47 @@ struct Scripts {
 }
 
 impl Scripts {
-    fn new() -> Self {
-        let timed = |body: &str| Script::new(&format!("{NOW_MS}{body}"));
+    /// `sharded`: publish with `SPUBLISH` (Redis Cluster's sharded pub/sub, to the shard
+    /// that owns the channel's slot) instead of `PUBLISH` (broadcast to every node).
+    fn new(sharded: bool) -> Self {
+        let publish = |body: &str| {
+            if sharded {
+                body.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+            } else {
+                body.to_string()
+            }
+        };
+        let plain = |body: &str| Script::new(&publish(body));
+        let timed = |body: &str| Script::new(&format!("{NOW_MS}{}", publish(body)));
         Self {
-            append: Script::new(APPEND),
-            delete: Script::new(DELETE),
-            channels: Script::new(CHANNELS),
+            append: plain(APPEND),
+            register: plain(REGISTER),
+            delete: plain(DELETE),
+            channels: plain(CHANNELS),
             join: timed(JOIN),
             leave: timed(LEAVE),
             refresh: timed(REFRESH),
             rate: timed(RATE),
-            history: Script::new(HISTORY),
+            history: plain(HISTORY),
             online: timed(ONLINE),
-            typing: Script::new(TYPING),
+            typing: plain(TYPING),
         }
     }
 }
 
+/// Replicas that must confirm a write (`WAIT`) before it counts as stored.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitReplicas {
+    pub replicas: u32,
+    pub timeout_ms: u64,
+}
+
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     settings: StoreSettings,
     scripts: Scripts,
+    wait: Option<WaitReplicas>,
     /// Channel → when this replica last refreshed its TTL and registry entry.
     touched: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
@@ -348,45 +402,21 @@ impl Drop for Timer {
     }
 }
 
-/// Opens the multiplexed command connection (reconnects by itself, pipelines concurrent
-/// calls, bounded waits), retrying for `startup_timeout_secs` before giving up.
-///
-/// # Errors
-/// A message naming the (redacted) URL and the last error, when Redis stays unreachable.
-pub async fn connect(config: &RedisConfig) -> Result<(redis::Client, ConnectionManager), String> {
-    let url = config.redacted_url();
-    let client =
-        redis::Client::open(config.url.as_str()).map_err(|e| format!("redis.url {url}: {e}"))?;
-    let manager_config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
-        .set_response_timeout(Some(Duration::from_millis(config.command_timeout_ms)))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_millis(2000));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.startup_timeout_secs);
-    loop {
-        match ConnectionManager::new_with_config(client.clone(), manager_config.clone()).await {
-            Ok(conn) => return Ok((client, conn)),
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(format!(
-                    "cannot reach Redis at {url} (gave up after {} s): {e}",
-                    config.startup_timeout_secs
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(redis = %url, error = %e, "Redis not reachable yet, retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
-}
-
 impl RedisStore {
-    pub fn new(conn: ConnectionManager, keys: Keys, settings: StoreSettings) -> Self {
+    /// `sharded`: publish on sharded pub/sub (cluster mode).
+    pub fn new(
+        conn: Conn,
+        keys: Keys,
+        settings: StoreSettings,
+        sharded: bool,
+        wait: Option<WaitReplicas>,
+    ) -> Self {
         Self {
             conn,
             keys,
             settings,
-            scripts: Scripts::new(),
+            scripts: Scripts::new(sharded),
+            wait,
             touched: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -408,6 +438,32 @@ impl RedisStore {
         }
         touched.insert(channel.to_string(), now);
     }
+
+    /// Forgets a refresh, so the channel's next append registers it again.
+    fn untouched(&self, channel: &ChannelName) {
+        let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        touched.remove(channel.as_str());
+    }
+
+    /// Waits until the configured replicas have everything this connection wrote.
+    async fn confirm_replicated(&self, conn: &mut Conn) -> redis::RedisResult<()> {
+        let Some(wait) = self.wait else {
+            return Ok(());
+        };
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(wait.replicas)
+            .arg(wait.timeout_ms)
+            .query_async(conn)
+            .await?;
+        if acked < i64::from(wait.replicas) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "too few replicas confirmed the write",
+                format!("{acked} of {} within {} ms", wait.replicas, wait.timeout_ms),
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -417,23 +473,39 @@ impl Store for RedisStore {
         let timer = Timer::start("append");
         let touch = self.needs_touch(channel);
         let mut conn = self.conn.clone();
-        self.scripts
+        let register = self
+            .scripts
             .append
             .key(self.keys.history(channel))
-            .key(self.keys.channels())
             .arg(entry)
             .arg(self.settings.history_max)
             .arg(self.settings.history_ttl_secs)
-            .arg(channel.as_str())
             .arg(self.keys.events(channel.as_str()))
             .arg(event)
             .arg(if touch { "1" } else { "0" })
             .invoke_async::<i64>(&mut conn)
             .await
-            .map_err(|e| timer.failed(e))
-            .inspect(|_| timer.succeeded())?;
-        if touch {
-            self.touched(channel);
+            .map_err(|e| timer.failed(e))?;
+        self.confirm_replicated(&mut conn)
+            .await
+            .map_err(|e| timer.failed(e))?;
+        timer.succeeded();
+        if register == 1 {
+            // The message is stored; a registry that is briefly behind only delays the
+            // channel's listing, and the next append retries.
+            let registered = self
+                .scripts
+                .register
+                .key(self.keys.channels())
+                .arg(channel.as_str())
+                .invoke_async::<i64>(&mut conn)
+                .await;
+            match registered {
+                Ok(_) => self.touched(channel),
+                Err(e) => {
+                    tracing::warn!(channel = %channel, error = %e, "channel registry not updated");
+                }
+            }
         }
         Ok(())
     }
@@ -471,24 +543,36 @@ impl Store for RedisStore {
     ) -> StoreResult<Deleted> {
         let timer = Timer::start("delete");
         let mut conn = self.conn.clone();
-        self.scripts
+        let outcome = self
+            .scripts
             .delete
             .key(self.keys.history(channel))
-            .key(self.keys.channels())
             .arg(id.as_str())
             .arg(self.keys.events(channel.as_str()))
             .arg(event)
-            .arg(channel.as_str())
             .arg(owner.unwrap_or(""))
             .invoke_async::<i64>(&mut conn)
             .await
-            .map(|n| match n {
-                1 => Deleted::Done,
-                2 => Deleted::NotOwner,
-                _ => Deleted::NotFound,
-            })
             .map_err(|e| timer.failed(e))
-            .inspect(|_| timer.succeeded())
+            .inspect(|_| timer.succeeded())?;
+        if outcome == 3 {
+            // The history is gone: drop the channel from the listing (an append racing
+            // with this registers it again on this replica's next touch).
+            self.untouched(channel);
+            let removed: redis::RedisResult<i64> = redis::cmd("ZREM")
+                .arg(self.keys.channels())
+                .arg(channel.as_str())
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = removed {
+                tracing::warn!(channel = %channel, error = %e, "channel registry not updated");
+            }
+        }
+        Ok(match outcome {
+            1 | 3 => Deleted::Done,
+            2 => Deleted::NotOwner,
+            _ => Deleted::NotFound,
+        })
     }
 
     #[tracing::instrument(level = "debug", name = "redis.channels", skip_all, fields(db.system = "redis"))]
@@ -685,7 +769,7 @@ mod tests {
 
     #[test]
     fn keys_follow_the_original_layout_and_parse_back() {
-        let keys = Keys::new("");
+        let keys = Keys::new("", false);
         let ch = ChannelName::parse("general").unwrap();
         assert_eq!(keys.history(&ch), "chat:general:messages");
         assert_eq!(
@@ -698,9 +782,54 @@ mod tests {
         );
         assert_eq!(keys.channel_of_events("other"), None);
 
-        let keys = Keys::new("t1:");
+        let keys = Keys::new("t1:", false);
         assert_eq!(keys.history(&ch), "t1:chat:general:messages");
         assert_eq!(keys.channel_of_events("t1:chat:x:events"), Some("x"));
         assert_eq!(keys.channel_of_events("chat:x:events"), None);
+    }
+
+    #[test]
+    fn tagged_keys_put_every_key_of_a_channel_in_one_slot() {
+        let keys = Keys::new("t1:", true);
+        let ch = ChannelName::parse("general").unwrap();
+        let user = Username::parse("bob").unwrap();
+        let all = [
+            keys.history(&ch),
+            keys.events(ch.as_str()),
+            keys.presence_users(&ch),
+            keys.presence_conns(&ch, "bob"),
+            keys.typing(&ch, &user),
+        ];
+        assert_eq!(all[0], "t1:chat:{general}:messages");
+        assert_eq!(all[3], "t1:chat:{general}:presence:bob");
+        assert_eq!(all[4], "t1:typing:{general}:bob");
+        for key in &all {
+            // The hash tag is the first {...}: the channel name, for every key.
+            let tag = &key[key.find('{').unwrap() + 1..key.find('}').unwrap()];
+            assert_eq!(tag, "general", "{key}");
+        }
+        assert_eq!(
+            keys.channel_of_events("t1:chat:{general}:events"),
+            Some("general")
+        );
+        assert_eq!(keys.channel_of_events("t1:chat:general:events"), None);
+    }
+
+    #[test]
+    fn cluster_scripts_publish_on_the_shard() {
+        let sharded = Scripts::new(true);
+        let plain = Scripts::new(false);
+        for (s, p) in [
+            (&sharded.append, &plain.append),
+            (&sharded.delete, &plain.delete),
+            (&sharded.join, &plain.join),
+            (&sharded.leave, &plain.leave),
+            (&sharded.typing, &plain.typing),
+        ] {
+            assert_ne!(s.get_hash(), p.get_hash());
+        }
+        for body in [APPEND, DELETE, JOIN, LEAVE, TYPING] {
+            assert!(body.contains("redis.call('PUBLISH',"), "{body}");
+        }
     }
 }

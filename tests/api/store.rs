@@ -353,20 +353,63 @@ async fn memory_store_conforms() {
 #[tokio::test]
 async fn redis_store_conforms() {
     let redis = RedisServer::start().await;
-    let config = crate::helpers::test_config(Some(&redis), &[]);
-    let (client, conn) = chatgate::store::redis::connect(&config.redis)
-        .await
-        .unwrap();
-    let keys = Keys::new("conformance:");
-    let recorder = Arc::new(Recorder::default());
+    redis_conformance(&crate::helpers::test_config(Some(&redis), &[])).await;
+}
+
+#[tokio::test]
+async fn redis_store_with_hash_tags_conforms() {
+    let redis = RedisServer::start().await;
+    let config =
+        crate::helpers::test_config(Some(&redis), &[("CHATGATE_REDIS__HASH_TAGS", "true")]);
+    redis_conformance(&config).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_store_conforms() {
+    let cluster = crate::topology::RedisCluster::start(3).await;
+    let nodes = cluster.seed_urls().join(",");
+    let config = crate::helpers::test_config(
+        None,
+        &[
+            ("CHATGATE_REDIS__MODE", "cluster"),
+            ("CHATGATE_REDIS__NODES", &nodes),
+            ("CHATGATE_STORE__BACKEND", "redis"),
+        ],
+    );
+    redis_conformance(&config).await;
+}
+
+#[tokio::test]
+async fn redis_sentinel_store_conforms() {
+    let sentinels = crate::topology::SentinelSet::start().await;
+    let urls = sentinels.sentinel_urls().join(",");
+    let config = crate::helpers::test_config(
+        None,
+        &[
+            ("CHATGATE_REDIS__MODE", "sentinel"),
+            ("CHATGATE_REDIS__SENTINELS", &urls),
+            ("CHATGATE_REDIS__SENTINEL_MASTER", sentinels.master_name()),
+            ("CHATGATE_STORE__BACKEND", "redis"),
+        ],
+    );
+    redis_conformance(&config).await;
+}
+
+/// The conformance suite on the Redis store and bus as `config` connects them.
+async fn redis_conformance(config: &chatgate::config::Config) {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let upstream = chatgate::store::connection::connect(&config.redis, shutdown.clone(), &tracker)
+        .await
+        .unwrap();
+    let keys = Keys::new("conformance:", config.redis.tagged_keys());
+    let recorder = Arc::new(Recorder::default());
     let timeouts = BusTimeouts {
         connect: Duration::from_secs(1),
         command: Duration::from_secs(1),
     };
     let bus = RedisBus::start(
-        client,
+        upstream.bus,
         keys.clone(),
         recorder.clone(),
         timeouts,
@@ -377,6 +420,8 @@ async fn redis_store_conforms() {
         bus.subscribe(channel).await.unwrap();
     }
     assert!(bus.is_ready());
-    conformance(Arc::new(RedisStore::new(conn, keys, settings())), recorder).await;
+    let sharded = config.redis.mode == chatgate::config::RedisMode::Cluster;
+    let store = RedisStore::new(upstream.conn, keys, settings(), sharded, None);
+    conformance(Arc::new(store), recorder).await;
     shutdown.cancel();
 }

@@ -102,6 +102,78 @@ REDIS_URL
 {{- end }}
 
 {{/*
+Redis mode: standalone (redis.url / existingSecret / trial), cluster
+(redis.nodes) or sentinel (redis.sentinels). chatgate.validateRedis refuses
+anything else, and any key of another mode.
+*/}}
+{{- define "chatgate.redis.mode" -}}
+{{- .Values.redis.mode | default "standalone" | toString }}
+{{- end }}
+
+{{/*
+The [redis] keys the chart sets from .Values.redis, as a JSON object merged
+into the configuration file: the mode, and the addresses and (non-secret)
+settings that mode uses. The passwords are never here: they reach the pod as
+CHATGATE_REDIS__PASSWORD and CHATGATE_REDIS__SENTINEL_PASSWORD from
+secretKeyRefs (see the Deployment), and the standalone URL as
+CHATGATE_REDIS__URL.
+*/}}
+{{- define "chatgate.redis.configKeys" -}}
+{{- $r := .Values.redis }}
+{{- $mode := include "chatgate.redis.mode" . }}
+{{- $keys := dict "mode" $mode }}
+{{- if eq $mode "cluster" }}
+{{- $_ := set $keys "nodes" ($r.nodes | default list) }}
+{{- else if eq $mode "sentinel" }}
+{{- $_ := set $keys "sentinels" ($r.sentinels | default list) }}
+{{- $_ = set $keys "sentinel_master" $r.sentinelMaster }}
+{{- $_ = set $keys "db" (int ($r.db | default 0)) }}
+{{- with $r.sentinelUsername }}{{ $_ = set $keys "sentinel_username" . }}{{ end }}
+{{- end }}
+{{- with $r.username }}{{ $_ := set $keys "username" . }}{{ end }}
+{{- if ne $mode "cluster" }}
+{{- $_ := set $keys "wait_replicas" (int ($r.waitReplicas | default 0)) }}
+{{- end }}
+{{- toJson $keys }}
+{{- end }}
+
+{{/* "true" when the data nodes' password comes from a Secret. */}}
+{{- define "chatgate.redis.password" -}}
+{{- if (.Values.redis.passwordSecret | default dict).name }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the Sentinels' password comes from a Secret (sentinel mode). */}}
+{{- define "chatgate.redis.sentinelPassword" -}}
+{{- if and (eq (include "chatgate.redis.mode" .) "sentinel") (.Values.redis.sentinelPasswordSecret | default dict).name }}true{{ end }}
+{{- end }}
+
+{{/*
+TCP ports of the Redis egress rule (cluster and sentinel mode), as a JSON
+list: networkPolicy.egress.redis.ports, or derived: the ports of redis.nodes
+(6379 when a URL has none), or of redis.sentinels (26379 when none) plus 6379
+for the data nodes the Sentinels name.
+*/}}
+{{- define "chatgate.redis.egressPorts" -}}
+{{- $set := .Values.networkPolicy.egress.redis.ports | default list }}
+{{- if $set }}
+{{- $set | toJson }}
+{{- else }}
+{{- $mode := include "chatgate.redis.mode" . }}
+{{- $ports := list }}
+{{- $urls := ternary (.Values.redis.nodes | default list) (.Values.redis.sentinels | default list) (eq $mode "cluster") }}
+{{- $default := ternary 6379 26379 (eq $mode "cluster") }}
+{{- range $urls }}
+{{- $port := regexFind ":[0-9]+$" (urlParse (toString .)).host | trimPrefix ":" }}
+{{- $ports = append $ports (ternary (int $port) $default (ne $port "")) }}
+{{- end }}
+{{- if eq $mode "sentinel" }}
+{{- $ports = append $ports 6379 }}
+{{- end }}
+{{- $ports | uniq | sortAlpha | toJson }}
+{{- end }}
+{{- end }}
+
+{{/*
 Auth key sources. Each helper prints "true" or nothing.
   hmac: an HMAC secret from a Secret (chart-created or existing), passed as
         CHATGATE_AUTH__HMAC_SECRET from a secretKeyRef;
@@ -247,7 +319,7 @@ pod as environment variables (see the Deployment), never through this file.
 {{- define "chatgate.configToml" -}}
 # chatgate configuration rendered by the Helm chart from values.config.
 # Keys and meanings: config/default.toml in the chatgate project.
-# Secrets (the Redis URL, the HMAC secret) are never written here.
+# Secrets (the Redis URL and passwords, the HMAC secret) are never written here.
 {{- $config := deepCopy .Values.config }}
 {{- $auth := get $config "auth" | default dict }}
 {{- if not (kindIs "map" $auth) }}
@@ -264,12 +336,28 @@ pod as environment variables (see the Deployment), never through this file.
 {{- end }}
 {{- $_ := set $auth "enabled" .Values.auth.enabled }}
 {{- $_ = set $config "auth" $auth }}
+{{- $redis := get $config "redis" | default dict }}
+{{- if not (kindIs "map" $redis) }}
+{{- fail "config.redis must be a map of keys (a [redis] section)" }}
+{{- end }}
+{{- if hasKey $redis "url" }}
+{{- fail "config.redis.url would put the Redis URL (and its password) in a ConfigMap: use redis.url or redis.existingSecret instead" }}
+{{- end }}
+{{- range $key := list "password" "sentinel_password" }}
+{{- if hasKey $redis $key }}
+{{- fail (printf "config.redis.%s would put a Redis password in a ConfigMap: use redis.passwordSecret / redis.sentinelPasswordSecret (an existing Secret, passed as CHATGATE_REDIS__%s)" $key (upper $key)) }}
+{{- end }}
+{{- end }}
+{{- range $key := list "mode" "nodes" "sentinels" "sentinel_master" "db" "username" "sentinel_username" "wait_replicas" }}
+{{- if hasKey $redis $key }}
+{{- fail (printf "config.redis.%s is set by the chart: set it under redis (redis.mode, redis.nodes, redis.sentinels, redis.sentinelMaster, redis.db, redis.username, redis.sentinelUsername, redis.waitReplicas)" $key) }}
+{{- end }}
+{{- end }}
+{{- $redis = merge (include "chatgate.redis.configKeys" . | fromJson) $redis }}
+{{- $_ = set $config "redis" $redis }}
 {{- range $section, $body := $config }}
 {{- if not (kindIs "map" $body) }}
 {{- fail (printf "config.%s must be a map of keys (a [%s] section)" $section $section) }}
-{{- end }}
-{{- if and (eq $section "redis") (hasKey $body "url") }}
-{{- fail "config.redis.url would put the Redis URL (and its password) in a ConfigMap: use redis.url or redis.existingSecret instead" }}
 {{- end }}
 
 [{{ $section }}]
@@ -308,6 +396,9 @@ Deployment, so every render runs them.
 {{- if or (eq $path "redis__url") (eq $path "auth__enabled") (eq $path "auth__hmac_secret") (eq $path "auth__public_key_files") }}
 {{- fail (printf "extraEnv: %s is set by the chart (use redis.url / redis.existingSecret, auth.enabled, auth.jwt.existingSecret / auth.jwt.hmacSecret, or auth.jwt.publicKeys / auth.jwt.publicKeysFrom)" $name) }}
 {{- end }}
+{{- if has $path (list "redis__mode" "redis__nodes" "redis__sentinels" "redis__sentinel_master" "redis__db" "redis__username" "redis__password" "redis__sentinel_username" "redis__sentinel_password" "redis__wait_replicas") }}
+{{- fail (printf "extraEnv: %s is set by the chart from redis (redis.mode, redis.nodes, redis.sentinels, redis.sentinelMaster, redis.db, redis.username, redis.passwordSecret, redis.sentinelUsername, redis.sentinelPasswordSecret, redis.waitReplicas)" $name) }}
+{{- end }}
 {{- $known = and (hasKey $.Values.config $section) (hasKey (index $.Values.config $section) $key) }}
 {{- end }}
 {{- if not $known }}
@@ -316,21 +407,9 @@ Deployment, so every render runs them.
 {{- end }}
 {{- end }}
 {{- $backend := .Values.config.store.backend | default "auto" }}
-{{- $sources := 0 }}
-{{- if .Values.redis.url }}{{ $sources = add1 $sources }}{{ end }}
-{{- if .Values.redis.existingSecret }}{{ $sources = add1 $sources }}{{ end }}
-{{- if .Values.redis.trial.enabled }}{{ $sources = add1 $sources }}{{ end }}
-{{- if gt (int $sources) 1 }}
-{{- fail "redis: set only one of redis.url, redis.existingSecret and redis.trial.enabled" }}
-{{- end }}
-{{- if and (eq (int $sources) 0) (ne $backend "memory") }}
-{{- fail "redis: no Redis configured. Set redis.url (stored in a Secret), redis.existingSecret (a Secret holding the URL), or redis.trial.enabled=true for a throwaway single-pod Redis" }}
-{{- end }}
+{{- include "chatgate.validateRedis" . }}
 {{- if and (eq $backend "memory") (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
 {{- fail "config.store.backend=memory keeps chat state inside one process: replicas would not see each other. Use Redis, or replicaCount=1 without autoscaling" }}
-{{- end }}
-{{- if and .Values.redis.url (not (or (hasPrefix "redis://" .Values.redis.url) (hasPrefix "rediss://" .Values.redis.url))) }}
-{{- fail "redis.url must start with redis:// or rediss://" }}
 {{- end }}
 {{- $pdb := .Values.podDisruptionBudget }}
 {{- if and $pdb.enabled (not (include "chatgate.isSet" (get $pdb "minAvailable"))) (not (include "chatgate.isSet" (get $pdb "maxUnavailable"))) }}
@@ -407,6 +486,106 @@ pods would crash-loop).
 {{- if and $jwt.hmacSecret (lt (len $jwt.hmacSecret) 32) }}
 {{- fail (printf "auth.jwt.hmacSecret is %d bytes: it must be at least 32 (e.g. openssl rand -base64 48)" (len $jwt.hmacSecret)) }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Redis: one mode, and only the keys of that mode, so the chart never has to
+guess which address chatgate will use (chatgate refuses most mixes at
+startup, and the pods would crash-loop; the rest it would silently ignore).
+  standalone: exactly one of redis.url, redis.existingSecret and
+              redis.trial.enabled (none only with config.store.backend=memory);
+  cluster:    redis.nodes, no url / existingSecret / trial, no WAIT, db 0;
+  sentinel:   redis.sentinels and redis.sentinelMaster, no url /
+              existingSecret / trial.
+Addresses in nodes and sentinels are redis://host:port, never with
+user:password@ (values end up in the ConfigMap and the release history):
+passwords come from redis.passwordSecret and redis.sentinelPasswordSecret.
+Messages never repeat an address, which may hold a password.
+*/}}
+{{- define "chatgate.validateRedis" -}}
+{{- $r := .Values.redis }}
+{{- $mode := include "chatgate.redis.mode" . }}
+{{- $backend := .Values.config.store.backend | default "auto" }}
+{{- $modes := list "standalone" "cluster" "sentinel" }}
+{{- if not (has $mode $modes) }}
+{{- fail (printf "redis.mode %q is not one of standalone (redis.url, redis.existingSecret or redis.trial), cluster (redis.nodes) or sentinel (redis.sentinels)" $mode) }}
+{{- end }}
+{{- $nodes := $r.nodes | default list }}
+{{- $sentinels := $r.sentinels | default list }}
+{{- range $key, $list := dict "nodes" $nodes "sentinels" $sentinels }}
+{{- $secret := ternary "redis.passwordSecret (and redis.username)" "redis.sentinelPasswordSecret (and redis.sentinelUsername)" (eq $key "nodes") }}
+{{- range $i, $url := $list }}
+{{- $url = toString $url }}
+{{- if contains "@" $url }}
+{{- fail (printf "redis.%s[%d] holds credentials (user:password@): a password must not sit in values, the ConfigMap or the release history. List the address only (redis://host:port) and put the password in an existing Secret named by %s" $key $i $secret) }}
+{{- end }}
+{{- if not (hasPrefix "redis://" $url) }}
+{{- fail (printf "redis.%s[%d] must be redis://host:port (this build has no Redis TLS, so rediss:// is refused)" $key $i) }}
+{{- end }}
+{{- if not (urlParse $url).host }}
+{{- fail (printf "redis.%s[%d] has no host: write redis://host:port" $key $i) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $sources := list }}
+{{- if $r.url }}{{ $sources = append $sources "redis.url" }}{{ end }}
+{{- if $r.existingSecret }}{{ $sources = append $sources "redis.existingSecret" }}{{ end }}
+{{- if $r.trial.enabled }}{{ $sources = append $sources "redis.trial.enabled" }}{{ end }}
+{{- if eq $mode "standalone" }}
+{{- if $nodes }}
+{{- fail "redis.nodes is set, but redis.mode is standalone: set redis.mode=cluster for a Redis Cluster (with redis.nodes only), or remove redis.nodes" }}
+{{- end }}
+{{- if $sentinels }}
+{{- fail "redis.sentinels is set, but redis.mode is standalone: set redis.mode=sentinel for Sentinel (with redis.sentinels only), or remove redis.sentinels" }}
+{{- end }}
+{{- if gt (len $sources) 1 }}
+{{- fail "redis: set only one of redis.url, redis.existingSecret and redis.trial.enabled" }}
+{{- end }}
+{{- if and (eq (len $sources) 0) (ne $backend "memory") }}
+{{- fail "redis: no Redis configured. Set redis.url (stored in a Secret), redis.existingSecret (a Secret holding the URL), or redis.trial.enabled=true for a throwaway single-pod Redis; or redis.mode=cluster with redis.nodes, or redis.mode=sentinel with redis.sentinels" }}
+{{- end }}
+{{- if and $r.url (not (or (hasPrefix "redis://" $r.url) (hasPrefix "rediss://" $r.url))) }}
+{{- fail "redis.url must start with redis:// or rediss://" }}
+{{- end }}
+{{- if ne (int ($r.db | default 0)) 0 }}
+{{- fail "redis.db is for sentinel mode: in standalone mode the database is the URL's (redis://host:6379/N)" }}
+{{- end }}
+{{- else }}
+{{- $addresses := ternary "redis.nodes" "redis.sentinels" (eq $mode "cluster") }}
+{{- if $sources }}
+{{- fail (printf "redis.mode=%s takes %s, not %s (standalone settings%s): unset %s" $mode $addresses (join ", " $sources) (ternary "; the trial Redis is one standalone pod" "" (has "redis.trial.enabled" $sources)) (join " and " $sources)) }}
+{{- end }}
+{{- if eq $mode "cluster" }}
+{{- if not $nodes }}
+{{- fail "redis.mode=cluster needs redis.nodes: the seed nodes, e.g. [redis://redis-cluster-0.redis-cluster:6379] (list two or three)" }}
+{{- end }}
+{{- if $sentinels }}
+{{- fail "redis.mode=cluster takes redis.nodes, not redis.sentinels: remove redis.sentinels" }}
+{{- end }}
+{{- if gt (int ($r.waitReplicas | default 0)) 0 }}
+{{- fail "redis.waitReplicas is not supported in cluster mode (chatgate refuses it): set it to 0" }}
+{{- end }}
+{{- if ne (int ($r.db | default 0)) 0 }}
+{{- fail "redis.db must be 0 in cluster mode (a cluster has only database 0)" }}
+{{- end }}
+{{- if or $r.sentinelUsername ($r.sentinelPasswordSecret | default dict).name }}
+{{- fail "redis.sentinelUsername and redis.sentinelPasswordSecret are for sentinel mode: in cluster mode use redis.username and redis.passwordSecret" }}
+{{- end }}
+{{- else }}
+{{- if not $sentinels }}
+{{- fail "redis.mode=sentinel needs redis.sentinels: every Sentinel, e.g. [redis://sentinel-0.sentinel:26379] (at least three for a quorum)" }}
+{{- end }}
+{{- if $nodes }}
+{{- fail "redis.mode=sentinel takes redis.sentinels, not redis.nodes: the Sentinels name the data nodes; remove redis.nodes" }}
+{{- end }}
+{{- if not $r.sentinelMaster }}
+{{- fail "redis.mode=sentinel needs redis.sentinelMaster: the name the Sentinels monitor the primary under" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (eq $mode "standalone") (or $r.sentinelUsername ($r.sentinelPasswordSecret | default dict).name) }}
+{{- fail "redis.sentinelUsername and redis.sentinelPasswordSecret are for sentinel mode (redis.mode=sentinel)" }}
 {{- end }}
 {{- end }}
 
