@@ -103,9 +103,12 @@ impl Application {
             );
             tracing::info!(redis = %config.redis.describe(), mode = config.redis.mode.as_str(),
                 replica, "store and bus on Redis");
-            let wait = (config.redis.wait_replicas > 0).then_some(WaitReplicas {
-                replicas: config.redis.wait_replicas,
-                timeout_ms: config.redis.wait_timeout_ms,
+            let durable = upstream.durable.map(|conn| {
+                let wait = WaitReplicas {
+                    replicas: config.redis.wait_replicas,
+                    timeout_ms: config.redis.wait_timeout_ms,
+                };
+                (conn, wait)
             });
             let sharded = config.redis.mode == crate::config::RedisMode::Cluster;
             let store = Arc::new(RedisStore::new(
@@ -113,7 +116,7 @@ impl Application {
                 keys,
                 settings,
                 sharded,
-                wait,
+                durable,
             ));
             (store.clone(), Arc::new(bus), Some(store))
         } else {

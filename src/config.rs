@@ -169,8 +169,18 @@ impl fmt::Debug for RedisConfig {
         f.debug_struct("RedisConfig")
             .field("mode", &self.mode)
             .field("url", &self.redacted_url())
-            .field("nodes", &self.nodes)
-            .field("sentinels", &self.sentinels)
+            .field(
+                "nodes",
+                &self.nodes.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+            )
+            .field(
+                "sentinels",
+                &self
+                    .sentinels
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("sentinel_master", &self.sentinel_master)
             .field("password", &self.password)
             .field("sentinel_password", &self.sentinel_password)
@@ -831,8 +841,18 @@ impl Config {
                 ),
             );
         }
+        check(r.db >= 0, "redis.db must not be negative");
         match r.mode {
-            RedisMode::Standalone => {}
+            RedisMode::Standalone => {
+                check(
+                    r.nodes.is_empty() && r.sentinels.is_empty(),
+                    "redis.nodes and redis.sentinels need redis.mode = \"cluster\" or \"sentinel\"",
+                );
+                check(
+                    r.db == 0,
+                    "redis.db is for sentinel mode; in standalone mode the database is in redis.url",
+                );
+            }
             RedisMode::Cluster => {
                 check(
                     r.url.is_empty() && r.sentinels.is_empty(),
@@ -860,8 +880,10 @@ impl Config {
             }
         }
         check(
-            r.wait_replicas == 0 || r.wait_timeout_ms >= 1,
-            "redis.wait_timeout_ms must be at least 1 when redis.wait_replicas is set",
+            r.wait_replicas == 0
+                || (r.wait_timeout_ms >= 1 && r.wait_timeout_ms < r.command_timeout_ms),
+            "redis.wait_timeout_ms must be at least 1 and below redis.command_timeout_ms \
+             when redis.wait_replicas is set",
         );
     }
 }

@@ -3,64 +3,140 @@
 //! Each chat channel's events are published with `SPUBLISH` on `chat:{<ch>}:events`, which
 //! lives in the channel's slot, so a message goes to the one shard that owns that slot
 //! instead of being broadcast over the cluster bus to every node. This task subscribes
-//! with `SSUBSCRIBE` through the cluster connection, which routes each subscription to
-//! the slot's owner and re-subscribes by itself after a node reconnects or the slot map
-//! changes; messages come back as RESP3 pushes.
+//! with `SSUBSCRIBE` on a cluster connection of its own, which routes each subscription
+//! to the slot's owner; messages come back as RESP3 pushes.
 //!
-//! On top of that the task:
-//! - re-subscribes a channel that the server unsubscribed while it was still wanted
-//!   (Redis does that to every subscriber of a slot that migrates to another node);
-//! - pings every primary each second: `/readyz` reflects whether the whole cluster
-//!   answers;
-//! - after a node's connection dropped or a slot moved, tells local sessions to re-read
-//!   what they may have missed (`events_missed`) once the cluster answers again.
+//! Like the standalone subscriber, it works in sessions: connect, subscribe every wanted
+//! channel (each confirmed), serve; and on any sign of a lost subscription it drops the
+//! connection, reconnects with backoff and subscribes everything again, then tells local
+//! sessions to re-read what they may have missed (`events_missed`). Signs of loss: a
+//! node connection dropped (the library's `Disconnection` push), the server
+//! unsubscribed a channel we still want (Redis does that to every subscriber of a slot
+//! that migrates to another node), or a primary did not answer the ping each second.
+//! Starting over rather than patching one subscription keeps one rule: when the bus
+//! says ready, every wanted channel was confirmed on the connection in use.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-use super::redis::{Command, Links};
+use super::redis::{BACKOFF_MAX, BACKOFF_MIN, Command, Links};
+use crate::store::connection::ClusterBus;
 
 /// How often every primary is pinged.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct ClusterSubscriber {
-    conn: ClusterConnection,
+    source: ClusterBus,
     links: Links,
-    /// Chat channels subscribed.
+    /// Chat channels subscribed (or to subscribe on reconnect).
     wanted: HashSet<String>,
-    /// Wanted channels whose subscription was lost and is not back yet.
-    orphaned: HashSet<String>,
-    /// Events may have been lost since the last healthy check.
-    lost: bool,
+    /// Sessions waiting for a confirmation while the connection is down.
+    waiting: Vec<oneshot::Sender<()>>,
+}
+
+/// One connection's state.
+struct Session {
+    conn: ClusterConnection,
+    pushes: mpsc::UnboundedReceiver<PushInfo>,
+    /// Our own unsubscribes whose confirmation push has not been seen yet.
+    leaving: HashMap<String, usize>,
+}
+
+enum Exit {
+    Shutdown,
+    Lost(String),
 }
 
 impl ClusterSubscriber {
-    pub(super) fn new(conn: ClusterConnection, links: Links) -> Self {
+    pub(super) fn new(source: ClusterBus, links: Links) -> Self {
         Self {
-            conn,
+            source,
             links,
             wanted: HashSet::new(),
-            orphaned: HashSet::new(),
-            lost: false,
+            waiting: Vec::new(),
         }
     }
 
     pub(super) async fn run(
         mut self,
         mut rx: mpsc::UnboundedReceiver<Command>,
-        mut pushes: mpsc::UnboundedReceiver<PushInfo>,
         shutdown: CancellationToken,
     ) {
-        // Ready (or not) before the first subscription is confirmed.
-        self.check().await;
+        let mut backoff = BACKOFF_MIN;
+        let mut connected_before = false;
+        loop {
+            let exit = self
+                .session(&mut rx, &shutdown, &mut connected_before)
+                .await;
+            if self.links.ready.swap(false, Ordering::AcqRel) {
+                backoff = BACKOFF_MIN;
+            }
+            match exit {
+                Exit::Shutdown => return,
+                Exit::Lost(why) => tracing::warn!(error = %why,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "cluster bus lost its subscriptions; reconnecting"),
+            }
+            let go_on = self
+                .links
+                .pause(
+                    backoff,
+                    &mut rx,
+                    &shutdown,
+                    &mut self.wanted,
+                    &mut self.waiting,
+                )
+                .await;
+            if !go_on {
+                return;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn session(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Command>,
+        shutdown: &CancellationToken,
+        connected_before: &mut bool,
+    ) -> Exit {
+        let wait = self.links.timeouts.connect + self.links.timeouts.command;
+        let (conn, pushes) = tokio::select! {
+            () = shutdown.cancelled() => return Exit::Shutdown,
+            r = timeout(wait, self.source.connect()) => match r {
+                Ok(Ok(connected)) => connected,
+                Ok(Err(e)) => return Exit::Lost(e.to_string()),
+                Err(_) => return Exit::Lost("connect timed out".into()),
+            },
+        };
+        let mut session = Session {
+            conn,
+            pushes,
+            leaving: HashMap::new(),
+        };
+        if let Err(e) = ping_primaries(&mut session.conn, self.links.timeouts.command).await {
+            return Exit::Lost(e);
+        }
+        let sink = &self.links.sink;
+        self.wanted.retain(|ch| sink.has_members(ch));
+        self.wanted.extend(sink.channels());
+        let wanted: Vec<String> = self.wanted.iter().cloned().collect();
+        for channel in wanted {
+            if let Err(e) = self.ssubscribe(&mut session, &channel).await {
+                return Exit::Lost(e);
+            }
+        }
+        self.links
+            .now_subscribed(self.wanted.len(), connected_before, &mut self.waiting);
+
         let mut check =
             tokio::time::interval_at(tokio::time::Instant::now() + CHECK_EVERY, CHECK_EVERY);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -69,146 +145,121 @@ impl ClusterSubscriber {
             // pushes are always ready and would otherwise starve joins.
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return Exit::Shutdown,
                 cmd = rx.recv() => match cmd {
-                    None => return,
-                    Some(cmd) => self.command(cmd).await,
+                    None => return Exit::Shutdown,
+                    Some(cmd) => if let Err(e) = self.command(&mut session, cmd).await {
+                        return Exit::Lost(e);
+                    },
                 },
-                _ = check.tick() => self.check().await,
-                push = pushes.recv() => match push {
-                    None => return,
-                    Some(push) => self.push(push),
+                _ = check.tick() => {
+                    if let Err(e) = ping_primaries(&mut session.conn, self.links.timeouts.command).await {
+                        return Exit::Lost(e);
+                    }
+                }
+                push = session.pushes.recv() => match push {
+                    None => return Exit::Lost("connection closed".into()),
+                    Some(push) => if let Err(e) = self.push(&mut session, push) {
+                        return Exit::Lost(e);
+                    },
                 },
             }
         }
     }
 
-    async fn ssubscribe(&mut self, channel: &str) -> Result<(), String> {
+    async fn ssubscribe(&self, session: &mut Session, channel: &str) -> Result<(), String> {
         let name = self.links.keys.events(channel);
-        match timeout(self.links.timeouts.command, self.conn.ssubscribe(&name)).await {
+        match timeout(self.links.timeouts.command, session.conn.ssubscribe(&name)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".into()),
+            Ok(Err(e)) => Err(format!("ssubscribe {channel}: {e}")),
+            Err(_) => Err(format!("ssubscribe {channel}: timed out")),
         }
     }
 
-    async fn command(&mut self, cmd: Command) {
+    async fn command(&mut self, session: &mut Session, cmd: Command) -> Result<(), String> {
         match cmd {
             Command::Subscribe(channel, ack) => {
-                if self.wanted.contains(&channel) && !self.orphaned.contains(&channel) {
-                    let _ = ack.send(());
-                    return;
-                }
-                match self.ssubscribe(&channel).await {
-                    Ok(()) => {
-                        self.orphaned.remove(&channel);
-                        self.wanted.insert(channel);
-                        let _ = ack.send(());
-                    }
-                    // Dropping the ack fails the caller's join; its client retries.
-                    Err(e) => {
-                        tracing::warn!(channel, error = %e, "sharded subscribe failed");
+                if !self.wanted.contains(&channel) {
+                    // Wanted from now on: a failure reconnects and subscribes it then.
+                    self.wanted.insert(channel.clone());
+                    if let Err(e) = self.ssubscribe(session, &channel).await {
+                        self.waiting.push(ack);
+                        return Err(e);
                     }
                 }
+                let _ = ack.send(());
             }
             Command::Release(channel) => {
                 if self.links.sink.has_members(&channel) || !self.wanted.remove(&channel) {
-                    return;
+                    return Ok(());
                 }
-                self.orphaned.remove(&channel);
+                *session.leaving.entry(channel.clone()).or_default() += 1;
                 let name = self.links.keys.events(&channel);
-                if let Ok(Err(e)) | Err(e) =
-                    timeout(self.links.timeouts.command, self.conn.sunsubscribe(&name))
-                        .await
-                        .map_err(|_| "timed out".to_string())
-                        .map(|r| r.map_err(|e| e.to_string()))
+                match timeout(
+                    self.links.timeouts.command,
+                    session.conn.sunsubscribe(&name),
+                )
+                .await
                 {
-                    // The subscription may linger until that node reconnects; its events
-                    // find no local member and are dropped.
-                    tracing::debug!(channel, error = %e, "sharded unsubscribe failed");
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(format!("sunsubscribe {channel}: {e}")),
+                    Err(_) => return Err(format!("sunsubscribe {channel}: timed out")),
                 }
             }
         }
+        Ok(())
     }
 
-    fn push(&mut self, push: PushInfo) {
+    /// Handles one push; an error means a subscription was lost.
+    fn push(&mut self, session: &mut Session, push: PushInfo) -> Result<(), String> {
+        let channel_of = |data: &[Value]| match data.first() {
+            Some(Value::BulkString(name)) => std::str::from_utf8(name)
+                .ok()
+                .and_then(|name| self.links.keys.channel_of_events(name))
+                .map(str::to_string),
+            _ => None,
+        };
         match push.kind {
             PushKind::SMessage => {
-                if let [Value::BulkString(name), Value::BulkString(payload)] = push.data.as_slice()
-                    && let Ok(name) = std::str::from_utf8(name)
-                    && let Some(channel) = self.links.keys.channel_of_events(name)
+                if let (Some(channel), Some(Value::BulkString(payload))) =
+                    (channel_of(&push.data), push.data.get(1))
                 {
-                    self.links.sink.deliver(channel, payload);
+                    self.links.sink.deliver(&channel, payload);
                 }
             }
             PushKind::SUnsubscribe => {
-                // Not ours (ours leave `wanted` first): the slot moved away from that node.
-                if let Some(Value::BulkString(name)) = push.data.first()
-                    && let Ok(name) = std::str::from_utf8(name)
-                    && let Some(channel) = self.links.keys.channel_of_events(name)
-                    && self.wanted.contains(channel)
-                {
-                    tracing::info!(channel, "shard unsubscribed us (slot moved); resubscribing");
-                    self.orphaned.insert(channel.to_string());
-                    self.lost = true;
+                let Some(channel) = channel_of(&push.data) else {
+                    return Ok(());
+                };
+                if let Some(pending) = session.leaving.get_mut(&channel) {
+                    // The confirmation of our own unsubscribe.
+                    *pending -= 1;
+                    if *pending == 0 {
+                        session.leaving.remove(&channel);
+                    }
+                } else if self.wanted.contains(&channel) {
+                    return Err(format!("the shard unsubscribed {channel} (its slot moved)"));
                 }
             }
-            PushKind::Disconnection => {
-                tracing::warn!("a Redis Cluster node connection dropped; reconnecting");
-                self.lost = true;
-                self.links.ready.store(false, Ordering::Release);
-            }
+            PushKind::Disconnection => return Err("a node connection dropped".into()),
             _ => {}
         }
+        Ok(())
     }
+}
 
-    /// Pings every primary; re-subscribes orphaned channels; once healthy after a loss,
-    /// tells sessions to resync.
-    async fn check(&mut self) {
-        let ping = self.conn.route_command(
-            redis::cmd("PING"),
-            RoutingInfo::MultiNode((
-                MultipleNodeRoutingInfo::AllMasters,
-                Some(ResponsePolicy::AllSucceeded),
-            )),
-        );
-        if let Err(e) = match timeout(self.links.timeouts.command, ping).await {
-            Ok(r) => r.map(drop).map_err(|e| e.to_string()),
-            Err(_) => Err("timed out".into()),
-        } {
-            if self.links.ready.swap(false, Ordering::AcqRel) {
-                tracing::warn!(error = %e, "Redis Cluster not answering; bus not ready");
-            }
-            self.lost = true;
-            return;
-        }
-        let orphaned: Vec<String> = self.orphaned.iter().cloned().collect();
-        for channel in orphaned {
-            if !self.links.sink.has_members(&channel) {
-                self.orphaned.remove(&channel);
-                self.wanted.remove(&channel);
-                continue;
-            }
-            match self.ssubscribe(&channel).await {
-                Ok(()) => {
-                    self.orphaned.remove(&channel);
-                }
-                Err(e) => {
-                    tracing::warn!(channel, error = %e, "resubscribe failed; retrying");
-                    self.links.ready.store(false, Ordering::Release);
-                    return;
-                }
-            }
-        }
-        self.links.ready.store(true, Ordering::Release);
-        if std::mem::take(&mut self.lost) {
-            self.links.reconnects.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::pubsub_reconnected();
-            self.links.sink.resync();
-            tracing::info!(
-                channels = self.wanted.len(),
-                "Redis Cluster answers again; sessions told to resync"
-            );
-        }
+/// Pings every primary: the cluster answers as a whole.
+async fn ping_primaries(conn: &mut ClusterConnection, wait: Duration) -> Result<(), String> {
+    let ping = conn.route_command(
+        redis::cmd("PING"),
+        RoutingInfo::MultiNode((
+            MultipleNodeRoutingInfo::AllMasters,
+            Some(ResponsePolicy::AllSucceeded),
+        )),
+    );
+    match timeout(wait, ping).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("ping: {e}")),
+        Err(_) => Err("ping: timed out".into()),
     }
 }

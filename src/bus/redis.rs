@@ -28,8 +28,8 @@ use crate::store::redis::Keys;
 /// How often the subscriber pings Redis to notice a dead connection that sent no RST.
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// First and largest pause between reconnect attempts.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub(super) enum Command {
     Subscribe(String, oneshot::Sender<()>),
@@ -75,9 +75,9 @@ impl RedisBus {
         let target = match source {
             BusSource::Fixed(client) => Target::Fixed(client),
             BusSource::Sentinel(primary) => Target::Sentinel(primary),
-            BusSource::Cluster { conn, pushes } => {
-                let subscriber = super::cluster::ClusterSubscriber::new(conn, links);
-                tracker.spawn(subscriber.run(rx, pushes, shutdown));
+            BusSource::Cluster(source) => {
+                let subscriber = super::cluster::ClusterSubscriber::new(source, links);
+                tracker.spawn(subscriber.run(rx, shutdown));
                 return Self {
                     commands,
                     ready,
@@ -171,6 +171,63 @@ pub(super) struct Links {
     pub reconnects: Arc<AtomicU64>,
 }
 
+impl Links {
+    /// Every wanted channel is subscribed on a working connection: ready; after a
+    /// reconnect, count it and tell sessions to re-read what they may have missed; and
+    /// confirm the subscriptions that waited.
+    pub(super) fn now_subscribed(
+        &self,
+        channels: usize,
+        connected_before: &mut bool,
+        waiting: &mut Vec<oneshot::Sender<()>>,
+    ) {
+        self.ready.store(true, Ordering::Release);
+        if *connected_before {
+            self.reconnects.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::pubsub_reconnected();
+            self.sink.resync();
+            tracing::info!(channels, "bus reconnected and resubscribed");
+        }
+        *connected_before = true;
+        for ack in waiting.drain(..) {
+            let _ = ack.send(());
+        }
+    }
+
+    /// Waits out a reconnect pause of up to `backoff` (full jitter), still taking
+    /// commands so callers are not stuck (they time out on their own if Redis stays
+    /// away). False when the subscriber must stop.
+    pub(super) async fn pause(
+        &self,
+        backoff: Duration,
+        rx: &mut mpsc::UnboundedReceiver<Command>,
+        shutdown: &CancellationToken,
+        wanted: &mut HashSet<String>,
+        waiting: &mut Vec<oneshot::Sender<()>>,
+    ) -> bool {
+        let sleep = tokio::time::sleep(backoff.mul_f64(fastrand::f64()));
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = &mut sleep => return true,
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Subscribe(channel, ack)) => {
+                        wanted.insert(channel);
+                        waiting.push(ack);
+                    }
+                    Some(Command::Release(channel)) => {
+                        if !self.sink.has_members(&channel) {
+                            wanted.remove(&channel);
+                        }
+                    }
+                    None => return false,
+                },
+            }
+        }
+    }
+}
+
 struct Subscriber {
     target: Target,
     links: Links,
@@ -204,36 +261,20 @@ impl Subscriber {
                         "bus subscriber disconnected from Redis; reconnecting");
                 }
             }
-            // Wait out the backoff with full jitter, still taking commands so callers are
-            // not stuck (they time out on their own if Redis stays away).
-            let pause = backoff.mul_f64(fastrand::f64());
-            let sleep = tokio::time::sleep(pause);
-            tokio::pin!(sleep);
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = &mut sleep => break,
-                    cmd = rx.recv() => match cmd {
-                        Some(cmd) => self.queue_while_down(cmd),
-                        None => return,
-                    },
-                }
+            let go_on = self
+                .links
+                .pause(
+                    backoff,
+                    &mut rx,
+                    &shutdown,
+                    &mut self.wanted,
+                    &mut self.waiting,
+                )
+                .await;
+            if !go_on {
+                return;
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-    }
-
-    fn queue_while_down(&mut self, cmd: Command) {
-        match cmd {
-            Command::Subscribe(channel, ack) => {
-                self.wanted.insert(channel);
-                self.waiting.push(ack);
-            }
-            Command::Release(channel) => {
-                if !self.links.sink.has_members(&channel) {
-                    self.wanted.remove(&channel);
-                }
-            }
         }
     }
 
@@ -277,20 +318,8 @@ impl Subscriber {
             }
         }
         self.wanted = wanted.into_iter().collect();
-        self.links.ready.store(true, Ordering::Release);
-        if *connected_before {
-            self.links.reconnects.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::pubsub_reconnected();
-            self.links.sink.resync();
-            tracing::info!(
-                channels = self.wanted.len(),
-                "bus subscriber reconnected and resubscribed"
-            );
-        }
-        *connected_before = true;
-        for ack in self.waiting.drain(..) {
-            let _ = ack.send(());
-        }
+        self.links
+            .now_subscribed(self.wanted.len(), connected_before, &mut self.waiting);
 
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;

@@ -2,9 +2,12 @@
 //!
 //! - **standalone**: one multiplexed [`ConnectionManager`] (reconnects by itself) for
 //!   commands, and a plain client for the bus's pub/sub connection;
-//! - **cluster**: one [`ClusterConnection`] (RESP3) that routes each command by its first
-//!   key, follows `MOVED`/`ASK` and topology changes, and carries the bus's sharded
-//!   subscriptions, whose messages come back as pushes;
+//! - **cluster**: a [`ClusterConnection`] that routes each command by its first key and
+//!   follows `MOVED`/`ASK` and topology changes, and, for the bus, a separate RESP3
+//!   cluster connection per bus session that carries only the sharded subscriptions
+//!   (their messages come back as pushes). Separate, because Redis pushes an unrequested
+//!   `sunsubscribe` when a slot migrates, and on a connection that also carried commands
+//!   the client library could take it for the reply to an unrelated command;
 //! - **sentinel**: a [`SentinelPrimary`] that asks the Sentinels which node is the primary
 //!   every `redis.sentinel_poll_ms` (at once after a failed command), checks that node's
 //!   `ROLE`, and swaps the command connection when the primary changes; the bus watches
@@ -32,7 +35,21 @@ use crate::config::{RedisConfig, RedisMode, redact_url};
 pub enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    /// The current primary's command connection.
     Sentinel(Arc<SentinelPrimary>),
+    /// The current primary's connection for appends that wait for replicas.
+    SentinelDurable(Arc<SentinelPrimary>),
+}
+
+impl Conn {
+    /// The Sentinel primary behind this connection and which of its connections to use.
+    fn sentinel(&self) -> Option<(Arc<SentinelPrimary>, bool)> {
+        match self {
+            Self::Sentinel(p) => Some((p.clone(), false)),
+            Self::SentinelDurable(p) => Some((p.clone(), true)),
+            Self::Single(_) | Self::Cluster(_) => None,
+        }
+    }
 }
 
 /// What the bus subscribes through.
@@ -41,18 +58,57 @@ pub enum BusSource {
     Fixed(redis::Client),
     /// Sentinel: whichever node is the primary now.
     Sentinel(Arc<SentinelPrimary>),
-    /// Cluster: sharded subscriptions on the cluster connection; messages arrive on
-    /// `pushes` (including a `Disconnection` push when a node's connection drops).
-    Cluster {
-        conn: ClusterConnection,
-        pushes: mpsc::UnboundedReceiver<PushInfo>,
-    },
+    /// Cluster: a fresh subscription-only connection per bus session.
+    Cluster(ClusterBus),
 }
 
-/// A connected Redis: the command connection and the bus's source.
+/// A connected Redis: the command connection, the connection for appends that wait for
+/// replicas (`redis.wait_replicas`; `WAIT` blocks its connection, so it gets its own),
+/// and the bus's source.
 pub struct Upstream {
     pub conn: Conn,
+    pub durable: Option<Conn>,
     pub bus: BusSource,
+}
+
+/// How to reach the cluster (the bus opens a connection per session).
+pub struct ClusterBus {
+    nodes: Vec<ConnectionInfo>,
+    username: String,
+    password: crate::config::Secret,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+}
+
+impl ClusterBus {
+    fn builder(&self) -> redis::cluster::ClusterClientBuilder {
+        let mut builder = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(self.command_timeout)
+            .retries(3);
+        if !self.username.is_empty() {
+            builder = builder.username(&self.username);
+        }
+        if !self.password.is_empty() {
+            builder = builder.password(self.password.expose());
+        }
+        builder
+    }
+
+    /// A new RESP3 cluster connection whose pushes (sharded messages, unsubscribe
+    /// notices, `Disconnection` when a node's connection drops) arrive on the receiver;
+    /// both end with the connection.
+    pub async fn connect(
+        &self,
+    ) -> redis::RedisResult<(ClusterConnection, mpsc::UnboundedReceiver<PushInfo>)> {
+        let (tx, pushes) = mpsc::unbounded_channel();
+        let client = self
+            .builder()
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(tx)
+            .build()?;
+        Ok((client.get_async_connection().await?, pushes))
+    }
 }
 
 fn no_primary() -> RedisError {
@@ -64,8 +120,9 @@ impl ConnectionLike for Conn {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
-            Self::Sentinel(primary) => Box::pin(async move {
-                let mut conn = primary.conn().ok_or_else(no_primary)?;
+            Self::Sentinel(_) | Self::SentinelDurable(_) => Box::pin(async move {
+                let (primary, durable) = self.sentinel().ok_or_else(no_primary)?;
+                let mut conn = primary.conn(durable).ok_or_else(no_primary)?;
                 let result = conn.req_packed_command(cmd).await;
                 if let Err(e) = &result {
                     primary.suspect(e);
@@ -84,8 +141,10 @@ impl ConnectionLike for Conn {
         match self {
             Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Sentinel(primary) => Box::pin(async move {
-                let mut conn = primary.conn().ok_or_else(no_primary)?;
+            // The whole pipeline goes on one connection to one primary.
+            Self::Sentinel(_) | Self::SentinelDurable(_) => Box::pin(async move {
+                let (primary, durable) = self.sentinel().ok_or_else(no_primary)?;
+                let mut conn = primary.conn(durable).ok_or_else(no_primary)?;
                 let result = conn.req_packed_commands(pipeline, offset, count).await;
                 if let Err(e) = &result {
                     primary.suspect(e);
@@ -99,7 +158,7 @@ impl ConnectionLike for Conn {
         match self {
             Self::Single(c) => c.get_db(),
             Self::Cluster(c) => c.get_db(),
-            Self::Sentinel(primary) => primary.db,
+            Self::Sentinel(primary) | Self::SentinelDurable(primary) => primary.db,
         }
     }
 }
@@ -194,51 +253,56 @@ async fn standalone(config: &RedisConfig) -> Result<Upstream, Failure> {
     )
     .map_err(Fatal)?;
     let client = redis::Client::open(info).map_err(|e| Fatal(e.to_string()))?;
-    let conn = ConnectionManager::new_with_config(client.clone(), manager_config(config))
-        .await
-        .map_err(|e| Retry(e.to_string()))?;
+    let manager = || async {
+        ConnectionManager::new_with_config(client.clone(), manager_config(config))
+            .await
+            .map_err(|e| Retry(e.to_string()))
+    };
+    let conn = manager().await?;
+    let durable = match config.wait_replicas {
+        0 => None,
+        _ => Some(Conn::Single(manager().await?)),
+    };
     Ok(Upstream {
         conn: Conn::Single(conn),
+        durable,
         bus: BusSource::Fixed(client),
     })
 }
 
 async fn cluster(config: &RedisConfig) -> Result<Upstream, Failure> {
-    let (tx, pushes) = mpsc::unbounded_channel();
     let nodes = config
         .nodes
         .iter()
         .map(|url| node_info(url, "", "", None))
         .collect::<Result<Vec<_>, _>>()
         .map_err(Fatal)?;
-    let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
-        .use_protocol(ProtocolVersion::RESP3)
-        .push_sender(tx)
-        .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
-        .response_timeout(Duration::from_millis(config.command_timeout_ms))
-        .retries(3);
-    if !config.username.is_empty() {
-        builder = builder.username(&config.username);
-    }
-    if !config.password.is_empty() {
-        builder = builder.password(config.password.expose());
-    }
-    let client = builder.build().map_err(|e| Fatal(e.to_string()))?;
+    let bus = ClusterBus {
+        nodes,
+        username: config.username.clone(),
+        password: config.password.clone(),
+        connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+        command_timeout: Duration::from_millis(config.command_timeout_ms),
+    };
+    let client = bus.builder().build().map_err(|e| Fatal(e.to_string()))?;
     let conn = client
         .get_async_connection()
         .await
         .map_err(|e| Retry(e.to_string()))?;
     Ok(Upstream {
-        conn: Conn::Cluster(conn.clone()),
-        bus: BusSource::Cluster { conn, pushes },
+        conn: Conn::Cluster(conn),
+        durable: None,
+        bus: BusSource::Cluster(bus),
     })
 }
 
 async fn sentinel(config: &RedisConfig) -> Result<Upstream, Failure> {
     let primary = Arc::new(SentinelPrimary::new(config).map_err(Fatal)?);
     primary.resolve().await.map_err(Retry)?;
+    let durable = (config.wait_replicas > 0).then(|| Conn::SentinelDurable(primary.clone()));
     Ok(Upstream {
         conn: Conn::Sentinel(primary.clone()),
+        durable,
         bus: BusSource::Sentinel(primary),
     })
 }
@@ -252,6 +316,8 @@ pub struct SentinelPrimary {
     /// A command failed in a way that suggests a failover: ask the Sentinels now.
     suspect: Notify,
     manager_config: ConnectionManagerConfig,
+    /// Also keep a connection for appends that wait for replicas.
+    with_durable: bool,
     poll: Duration,
     /// Longest wait for one round of asking the Sentinels and checking the node.
     resolve_timeout: Duration,
@@ -264,7 +330,15 @@ struct Primary {
     addr: String,
     client: redis::Client,
     conn: ConnectionManager,
+    durable: Option<ConnectionManager>,
 }
+
+/// Shortest pause between two rounds of asking the Sentinels, so failing commands
+/// during an outage do not turn into a stream of Sentinel queries.
+const MIN_RESOLVE_GAP: Duration = Duration::from_millis(200);
+/// The Sentinel client's own timeouts are fixed (1 s connect, 0.5 s reply per node):
+/// one round may need a few of them when the first Sentinels are down.
+const MIN_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SentinelPrimary {
     fn new(config: &RedisConfig) -> Result<Self, String> {
@@ -299,18 +373,25 @@ impl SentinelPrimary {
             changes: watch::channel(0).0,
             suspect: Notify::new(),
             manager_config: manager_config(config),
+            with_durable: config.wait_replicas > 0,
             poll: Duration::from_millis(config.sentinel_poll_ms),
             resolve_timeout: Duration::from_millis(
                 config.connect_timeout_ms + config.command_timeout_ms,
-            ),
+            )
+            .max(MIN_RESOLVE_TIMEOUT),
             db: config.db,
             master: config.sentinel_master.clone(),
         })
     }
 
-    fn conn(&self) -> Option<ConnectionManager> {
+    fn conn(&self, durable: bool) -> Option<ConnectionManager> {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        current.as_ref().map(|p| p.conn.clone())
+        let primary = current.as_ref()?;
+        if durable {
+            primary.durable.clone()
+        } else {
+            Some(primary.conn.clone())
+        }
     }
 
     /// A client for the current primary (the bus opens its pub/sub connection with it).
@@ -354,13 +435,20 @@ impl SentinelPrimary {
         if unchanged {
             return Ok(());
         }
-        let conn = tokio::time::timeout(
-            self.resolve_timeout,
-            ConnectionManager::new_with_config(client.clone(), self.manager_config.clone()),
-        )
-        .await
-        .map_err(|_| format!("primary {addr} did not answer in time"))?
-        .map_err(|e| format!("primary {addr}: {e}"))?;
+        let connect = || async {
+            tokio::time::timeout(
+                self.resolve_timeout,
+                ConnectionManager::new_with_config(client.clone(), self.manager_config.clone()),
+            )
+            .await
+            .map_err(|_| format!("primary {addr} did not answer in time"))?
+            .map_err(|e| format!("primary {addr}: {e}"))
+        };
+        let conn = connect().await?;
+        let durable = match self.with_durable {
+            true => Some(connect().await?),
+            false => None,
+        };
         let previous = self
             .current
             .write()
@@ -369,6 +457,7 @@ impl SentinelPrimary {
                 addr: addr.clone(),
                 client,
                 conn,
+                durable,
             });
         match previous {
             Some(old) => tracing::warn!(master = %self.master, from = %old.addr, to = %addr,
@@ -393,6 +482,7 @@ impl SentinelPrimary {
                 tracing::warn!(master = %self.master, error = %e,
                     "cannot determine the Redis primary through Sentinel");
             }
+            tokio::time::sleep(MIN_RESOLVE_GAP).await;
         }
     }
 }

@@ -353,7 +353,8 @@ pub struct RedisStore {
     keys: Keys,
     settings: StoreSettings,
     scripts: Scripts,
-    wait: Option<WaitReplicas>,
+    /// The connection for appends that replicas must confirm, and how many.
+    durable: Option<(Conn, WaitReplicas)>,
     /// Channel → when this replica last refreshed its TTL and registry entry.
     touched: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
@@ -409,14 +410,14 @@ impl RedisStore {
         keys: Keys,
         settings: StoreSettings,
         sharded: bool,
-        wait: Option<WaitReplicas>,
+        durable: Option<(Conn, WaitReplicas)>,
     ) -> Self {
         Self {
             conn,
             keys,
             settings,
             scripts: Scripts::new(sharded),
-            wait,
+            durable,
             touched: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -445,24 +446,44 @@ impl RedisStore {
         touched.remove(channel.as_str());
     }
 
-    /// Waits until the configured replicas have everything this connection wrote.
-    async fn confirm_replicated(&self, conn: &mut Conn) -> redis::RedisResult<()> {
-        let Some(wait) = self.wait else {
-            return Ok(());
+    /// Runs the append script, followed, when replicas must confirm, by `WAIT` in the
+    /// same pipeline on the dedicated connection: one connection object, so the `WAIT`
+    /// counts exactly this write, even across a reconnect or a Sentinel failover.
+    /// Returns the script's answer (1: register the channel).
+    async fn run_append(&self, script: redis::Cmd) -> redis::RedisResult<i64> {
+        let (mut conn, wait) = match &self.durable {
+            Some((conn, wait)) => (conn.clone(), Some(*wait)),
+            None => (self.conn.clone(), None),
         };
-        let acked: i64 = redis::cmd("WAIT")
-            .arg(wait.replicas)
-            .arg(wait.timeout_ms)
-            .query_async(conn)
-            .await?;
-        if acked < i64::from(wait.replicas) {
+        let mut pipe = redis::pipe();
+        pipe.add_command(script);
+        if let Some(wait) = wait {
+            pipe.cmd("WAIT").arg(wait.replicas).arg(wait.timeout_ms);
+        }
+        let mut loaded = false;
+        let answers: Vec<i64> = loop {
+            match pipe.query_async(&mut conn).await {
+                Err(e)
+                    if !loaded
+                        && e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    self.scripts.append.load_async(&mut conn).await?;
+                    loaded = true;
+                }
+                other => break other?,
+            }
+        };
+        if let (Some(wait), Some(&acked)) = (wait, answers.get(1))
+            && acked < i64::from(wait.replicas)
+        {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Io,
                 "too few replicas confirmed the write",
                 format!("{acked} of {} within {} ms", wait.replicas, wait.timeout_ms),
             )));
         }
-        Ok(())
+        Ok(answers.first().copied().unwrap_or(0))
     }
 }
 
@@ -472,24 +493,20 @@ impl Store for RedisStore {
     async fn append(&self, channel: &ChannelName, entry: &str, event: &[u8]) -> StoreResult<()> {
         let timer = Timer::start("append");
         let touch = self.needs_touch(channel);
-        let mut conn = self.conn.clone();
-        let register = self
-            .scripts
-            .append
-            .key(self.keys.history(channel))
+        let mut script = redis::cmd("EVALSHA");
+        script
+            .arg(self.scripts.append.get_hash())
+            .arg(1)
+            .arg(self.keys.history(channel))
             .arg(entry)
             .arg(self.settings.history_max)
             .arg(self.settings.history_ttl_secs)
             .arg(self.keys.events(channel.as_str()))
             .arg(event)
-            .arg(if touch { "1" } else { "0" })
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map_err(|e| timer.failed(e))?;
-        self.confirm_replicated(&mut conn)
-            .await
-            .map_err(|e| timer.failed(e))?;
+            .arg(if touch { "1" } else { "0" });
+        let register = self.run_append(script).await.map_err(|e| timer.failed(e))?;
         timer.succeeded();
+        let mut conn = self.conn.clone();
         if register == 1 {
             // The message is stored; a registry that is briefly behind only delays the
             // channel's listing, and the next append retries.

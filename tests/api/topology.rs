@@ -342,7 +342,7 @@ impl SentinelSet {
                      logfile \"{dir}/sentinel.log\"\n\
                      sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} 2\n\
                      sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
-                     sentinel failover-timeout {MASTER_NAME} 5000\n\
+                     sentinel failover-timeout {MASTER_NAME} 2000\n\
                      sentinel parallel-syncs {MASTER_NAME} 1\n"
                 ),
             )
