@@ -204,6 +204,54 @@ async fn delivery_follows_a_channel_whose_slot_moves() {
 }
 
 #[tokio::test]
+async fn a_cluster_node_that_crashes_and_returns_gets_its_subscribers_back() {
+    let mut cluster = RedisCluster::start(3).await;
+    let vars = cluster_vars(&cluster);
+    let a = spawn(&vars, &[]).await;
+    let b = spawn(&vars, &[]).await;
+    let mut amy = a.ws("amy", "general").await;
+    let mut bob = b.ws("bob", "general").await;
+    amy.next_of("user_joined").await;
+    assert_eq!(send(&mut amy, "before").await, Outcome::Acked);
+    assert_eq!(bob.next_of("message").await["content"], "before");
+
+    // The node that owns the channel crashes: sends fail with error frames, never acks,
+    // and neither replica claims to be ready.
+    let owner = cluster
+        .node_port_for_slot(RedisCluster::key_slot("chat:{general}:events"))
+        .await;
+    cluster.kill(owner);
+    assert_eq!(
+        send(&mut amy, "during").await,
+        Outcome::Refused("store_unavailable".into())
+    );
+    a.wait_ready(503).await;
+    b.wait_ready(503).await;
+
+    // It comes back (empty: nothing persists in this cluster). Both buses reconnect and
+    // subscribe again by themselves, tell their sessions, and delivery resumes.
+    cluster.restart(owner).await;
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
+    while bob.next().await["code"] != "events_missed" {}
+    let mut acked = Vec::new();
+    let mut unknown = Vec::new();
+    for i in 0..3 {
+        let id = format!("after {i}");
+        match send(&mut amy, &id).await {
+            Outcome::Acked => {
+                while bob.next_of("message").await["content"] != id {}
+                acked.push(id);
+            }
+            Outcome::Unknown => unknown.push(id),
+            Outcome::Refused(code) => panic!("{id} refused after recovery: {code}"),
+        }
+    }
+    assert!(!acked.is_empty(), "delivery resumed");
+    assert_history(&contents(&a.history("general").await), &acked, &unknown);
+}
+
+#[tokio::test]
 async fn sentinel_failover_loses_no_acknowledged_message_and_delivery_resumes() {
     let mut sentinels = SentinelSet::start().await;
     let vars = sentinel_vars(&sentinels);

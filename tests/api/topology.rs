@@ -241,13 +241,37 @@ impl RedisCluster {
     }
 
     /// Kills (SIGKILL) the node on `port`, as a crash.
-    #[allow(dead_code)]
     pub fn kill(&mut self, port: u16) {
+        self.node(port).kill();
+    }
+
+    /// Starts the killed node on `port` again, with its arguments and its cluster
+    /// configuration file (so it rejoins with its node id and slots; its data is gone,
+    /// as nothing persists), and waits until the whole cluster is `cluster_state:ok`.
+    pub async fn restart(&mut self, port: u16) {
+        let node = self.node(port);
+        assert!(node.child.is_none(), "node {port} is running");
+        let args = node.args.clone();
+        node.spawn(&args);
+        node.wait_ping().await;
+        let ports = self.live_ports();
+        poll("the cluster to be whole again", async || {
+            for &port in &ports {
+                let info: String = try_query(port, redis::cmd("CLUSTER").arg("INFO")).await?;
+                if !info.contains("cluster_state:ok") {
+                    return Err(format!("node {port}: not cluster_state:ok"));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+
+    fn node(&mut self, port: u16) -> &mut Node {
         self.nodes
             .iter_mut()
             .find(|node| node.port == port)
             .unwrap_or_else(|| panic!("no node of this cluster on port {port}"))
-            .kill();
     }
 
     fn live_ports(&self) -> Vec<u16> {
@@ -456,6 +480,8 @@ struct Node {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// The arguments it was started with (a restart reuses them).
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Node {
@@ -466,6 +492,7 @@ impl Node {
             port,
             dir,
             child: None,
+            args: Vec::new(),
         }
     }
 
@@ -474,8 +501,9 @@ impl Node {
     }
 
     fn spawn<S: AsRef<std::ffi::OsStr>>(&mut self, args: &[S]) {
+        self.args = args.iter().map(|a| a.as_ref().to_owned()).collect();
         let child = Command::new("redis-server")
-            .args(args)
+            .args(&self.args)
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
