@@ -281,6 +281,9 @@ async fn sentinel_failover_loses_no_acknowledged_message_and_delivery_resumes() 
         );
         if sent == killed_at {
             sentinels.kill_primary();
+            // No primary: neither replica claims to be ready.
+            a.wait_ready(503).await;
+            b.wait_ready(503).await;
         }
         let id = format!("m{sent}");
         sent += 1;
