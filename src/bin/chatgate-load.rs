@@ -11,6 +11,9 @@
 //!   end-to-end latency percentiles. With `--slow N`, N more subscribers join the channel
 //!   and stop reading (or read one frame per second): the figures stay those of the
 //!   healthy subscribers, and the report adds how many slow ones the server closed.
+//!   With `--garbage N`, N hostile clients in the channel send frames that are not JSON
+//!   as fast as they can and reconnect whenever the server closes them; the report adds
+//!   what they sent and how often the server closed them.
 //! - `send`: C channels with K clients each, all sending a total of R messages/s, each
 //!   message with its own `client_id`. Counts acks (the sender's echo), deliveries to the
 //!   other members, latency and error frames, then fetches each channel's history over
@@ -90,6 +93,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior, sleep, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{WebSocketStream, client_async_with_config};
@@ -230,6 +234,17 @@ struct FanoutArgs {
     /// sooner. 0: the system's default (autotuned).
     #[arg(long, default_value_t = 0, value_name = "BYTES")]
     slow_rcvbuf: u32,
+    /// Hostile clients in the same channel, each sending frames the server must refuse
+    /// (not JSON) as fast as it can for the whole run, and connecting again whenever the
+    /// server closes it. Latency and loss figures stay the healthy subscribers'.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    garbage: usize,
+    /// Every connection sends `X-Forwarded-For` with an address of its own (healthy ones
+    /// 10.0.x.y, hostile ones 10.1.x.y, one per hostile client, kept across its
+    /// reconnects), as clients behind a proxy; start the server with
+    /// `server.trusted_proxies = ["127.0.0.1/32"]` so its per-IP limits apply per client.
+    #[arg(long)]
+    forwarded_for: bool,
     #[command(flatten)]
     pacing: PacingArgs,
 }
@@ -1290,6 +1305,9 @@ struct ConnSpec {
     slow: Option<SlowMode>,
     /// SO_RCVBUF of the socket (0: the system default).
     rcvbuf: u32,
+    /// Sent as `X-Forwarded-For`, to stand for a client at that address behind a proxy
+    /// the server trusts (`fanout --forwarded-for`).
+    forwarded_for: Option<String>,
 }
 
 impl ConnSpec {
@@ -1302,8 +1320,14 @@ impl ConnSpec {
             read_buffer: RECEIVER_READ_BUFFER,
             slow: None,
             rcvbuf: 0,
+            forwarded_for: None,
         }
     }
+}
+
+/// A distinct private address for client number `i` of a group (`10.<group>.x.y`).
+fn client_address(group: u8, i: usize) -> String {
+    format!("10.{group}.{}.{}", (i >> 8) & 255, i & 255)
 }
 
 /// An open connection: its write half (none for a slow reader, whose task holds it), and
@@ -1398,9 +1422,18 @@ async fn connect_once(
         .write_buffer_size(64 * 1024)
         .max_message_size(Some(4 << 20))
         .max_frame_size(Some(4 << 20));
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| AttemptError::Fatal(format!("bad request: {e}")))?;
+    if let Some(address) = &spec.forwarded_for {
+        let value = address
+            .parse()
+            .map_err(|_| AttemptError::Fatal(format!("bad address {address}")))?;
+        request.headers_mut().insert("x-forwarded-for", value);
+    }
     let (ws, _response) = timeout(
         opts.timeout,
-        client_async_with_config(url, stream, Some(config)),
+        client_async_with_config(request, stream, Some(config)),
     )
     .await
     .map_err(|_| AttemptError::Retry("WebSocket handshake timed out".into()))?
@@ -2811,6 +2844,13 @@ async fn fanout(
         .chain((0..args.publishers).map(|i| (username(run_id, 'p', i), publisher)))
         .map(|(username, role)| ConnSpec::new(username, channel.clone(), 0, role))
         .chain(slow_specs)
+        .enumerate()
+        .map(|(i, mut spec)| {
+            if args.forwarded_for {
+                spec.forwarded_for = Some(client_address(0, i));
+            }
+            spec
+        })
         .collect();
     let slow_closed_before = match admin {
         Some(admin) if args.slow > 0 => Some(scrape_too_slow(admin).await?),
@@ -2830,6 +2870,21 @@ async fn fanout(
     }
     let mut connected = connect_every(&sh, &target, specs, common, wanted).await?;
     let mem_connected = pid.as_deref().and_then(read_mem);
+    let stop_garbage = CancellationToken::new();
+    let flooders: Vec<_> = (0..args.garbage)
+        .map(|i| {
+            let mut spec = ConnSpec::new(username(run_id, 'g', i), channel.clone(), 0, IDLE);
+            if args.forwarded_for {
+                spec.forwarded_for = Some(client_address(1, i));
+            }
+            tokio::spawn(garbage_loop(
+                target.clone(),
+                spec,
+                ConnectOpts::from(common),
+                stop_garbage.clone(),
+            ))
+        })
+        .collect();
     let mut sinks = Vec::new();
     let mut outlets = Vec::new();
     let mut readers = Vec::new();
@@ -2859,6 +2914,13 @@ async fn fanout(
     )
     .await;
     let client_mem = read_mem("self");
+    stop_garbage.cancel();
+    let mut garbage = GarbageStats::default();
+    for flooder in flooders {
+        if let Ok(stats) = flooder.await {
+            garbage.add(&stats);
+        }
+    }
     let settle = (sending.settle_secs, sending.settled);
     let slow = if args.slow > 0 {
         Some(drain_slow(&sh, slow_readers, admin, args.subscribers + args.publishers).await)
@@ -2916,6 +2978,9 @@ async fn fanout(
     if let Some(slow) = &slow {
         slow.report(&mut r, slow_closed_before);
     }
+    if args.garbage > 0 {
+        garbage.report(&mut r, args.garbage);
+    }
     server_report(
         &mut r,
         pid.is_some(),
@@ -2927,6 +2992,100 @@ async fn fanout(
     );
     r.frames(&totals);
     Ok((verdict, r))
+}
+
+/// What the hostile clients of `fanout --garbage` did and what the server did to them.
+#[derive(Debug, Default)]
+struct GarbageStats {
+    connections: u64,
+    refused_connects: u64,
+    frames_sent: u64,
+    error_frames: u64,
+    closed_by_server: u64,
+}
+
+impl GarbageStats {
+    fn add(&mut self, other: &Self) {
+        self.connections += other.connections;
+        self.refused_connects += other.refused_connects;
+        self.frames_sent += other.frames_sent;
+        self.error_frames += other.error_frames;
+        self.closed_by_server += other.closed_by_server;
+    }
+
+    fn report(&self, r: &mut Report, clients: usize) {
+        r.section("hostile clients (garbage frames)", "garbage");
+        r.int("clients", "clients", clients as u64);
+        r.int("connections opened", "connections", self.connections);
+        r.int(
+            "connects refused",
+            "refused_connects",
+            self.refused_connects,
+        );
+        r.int("garbage frames sent", "frames_sent", self.frames_sent);
+        r.int("error frames received", "error_frames", self.error_frames);
+        r.int(
+            "closed by the server",
+            "closed_by_server",
+            self.closed_by_server,
+        );
+    }
+}
+
+/// A hostile client (`fanout --garbage`): sends text frames that are not JSON as fast as
+/// the socket takes them, reads and counts the server's answers, and connects again
+/// (after 100 ms) whenever the server closes it or refuses the connection, until `stop`.
+async fn garbage_loop(
+    target: Arc<Target>,
+    spec: ConnSpec,
+    opts: ConnectOpts,
+    stop: CancellationToken,
+) -> GarbageStats {
+    let mut stats = GarbageStats::default();
+    while !stop.is_cancelled() {
+        let ws = tokio::select! {
+            () = stop.cancelled() => break,
+            ws = connect_once(&target, &spec, &opts) => ws,
+        };
+        let Ok(ws) = ws else {
+            stats.refused_connects += 1;
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = sleep(Duration::from_millis(100)) => continue,
+            }
+        };
+        stats.connections += 1;
+        let (mut sink, mut stream) = ws.split();
+        let closed = loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break false,
+                next = stream.next() => match next {
+                    Some(Ok(Message::Text(text))) => {
+                        if text.contains("\"error\"") {
+                            stats.error_frames += 1;
+                        }
+                    }
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => break true,
+                    Some(Ok(_)) => {}
+                },
+                sent = sink.send(Message::Text("not json {{{".into())) => match sent {
+                    Ok(()) => stats.frames_sent += 1,
+                    Err(_) => break true,
+                },
+            }
+        };
+        if closed {
+            stats.closed_by_server += 1;
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = sleep(Duration::from_millis(100)) => {}
+            }
+        } else {
+            let _ = timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
+        }
+    }
+    stats
 }
 
 /// `chatgate_connections_closed_total{reason="too_slow"}` now.
