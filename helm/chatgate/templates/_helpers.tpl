@@ -545,8 +545,8 @@ Messages never repeat an address, which may hold a password.
 {{- if and (eq (len $sources) 0) (ne $backend "memory") }}
 {{- fail "redis: no Redis configured. Set redis.url (stored in a Secret), redis.existingSecret (a Secret holding the URL), or redis.trial.enabled=true for a throwaway single-pod Redis; or redis.mode=cluster with redis.nodes, or redis.mode=sentinel with redis.sentinels" }}
 {{- end }}
-{{- if and $r.url (not (or (hasPrefix "redis://" $r.url) (hasPrefix "rediss://" $r.url))) }}
-{{- fail "redis.url must start with redis:// or rediss://" }}
+{{- if and $r.url (not (hasPrefix "redis://" $r.url)) }}
+{{- fail "redis.url must start with redis:// (this build has no Redis TLS, so rediss:// is refused)" }}
 {{- end }}
 {{- if ne (int ($r.db | default 0)) 0 }}
 {{- fail "redis.db is for sentinel mode: in standalone mode the database is the URL's (redis://host:6379/N)" }}
