@@ -168,6 +168,7 @@ impl Application {
             write_delay: Duration::from_millis(config.ws.write_delay_ms),
             drain_window: grace.mul_f64(0.8),
             limits: limits.clone(),
+            client_ip: None,
         };
         let addr = format!("{}:{}", config.server.host, config.server.port);
         let listener = bind(&addr)

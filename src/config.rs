@@ -314,6 +314,9 @@ pub struct LimitsConfig {
     pub rest_per_minute_per_ip: u32,
     pub rest_burst_per_ip: u32,
     pub ws_close_after_refused: u32,
+    /// Seconds a client address may not open WebSockets after one of its sockets was
+    /// closed for refused frames (0: no penalty).
+    pub abuse_penalty_secs: u64,
     pub redis_timeout_ms: u64,
     pub headers: bool,
 }

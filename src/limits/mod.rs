@@ -18,7 +18,7 @@ use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue};
 use governor::clock::{Clock, DefaultClock};
@@ -296,6 +296,9 @@ pub struct Limits {
     connects: Keyed<IpAddr>,
     rest: Keyed<IpAddr>,
     caps: Arc<Caps>,
+    /// Client address → until when it may not open WebSockets (closed for abuse).
+    penalties: Mutex<HashMap<IpAddr, Instant>>,
+    penalty: Duration,
     pub refusals_before_close: u32,
     pub headers: bool,
 }
@@ -336,9 +339,35 @@ impl Limits {
                 max_per_ip: config.max_connections_per_ip,
                 max_per_user: config.max_connections_per_user,
             }),
+            penalties: Mutex::new(HashMap::new()),
+            penalty: Duration::from_secs(config.abuse_penalty_secs),
             refusals_before_close: config.ws_close_after_refused,
             headers: config.headers,
         })
+    }
+
+    fn penalties(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Instant>> {
+        self.penalties
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One of `ip`'s sockets was closed for refused frames: it may not open WebSockets
+    /// for `limits.abuse_penalty_secs`.
+    pub fn penalize(&self, ip: IpAddr) {
+        self.penalize_at(ip, Instant::now());
+    }
+
+    fn penalize_at(&self, ip: IpAddr, now: Instant) {
+        if !self.penalty.is_zero() {
+            self.penalties().insert(ip_key(ip), now + self.penalty);
+        }
+    }
+
+    /// How long `ip` still serves its penalty, if it does.
+    fn penalty_left(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let until = *self.penalties().get(&ip_key(ip))?;
+        (until > now).then(|| until - now)
     }
 
     /// One message of `user`: from the shared budget, or the local one when Redis does
@@ -400,8 +429,22 @@ impl Limits {
         self.typing.check(&user.to_string()).allowed
     }
 
-    /// A new WebSocket connection from `ip`.
+    /// A new WebSocket connection from `ip`: refused while the address serves an abuse
+    /// penalty, otherwise counted against its connection rate.
     pub fn connect(&self, ip: IpAddr) -> Verdict {
+        self.connect_at(ip, Instant::now())
+    }
+
+    fn connect_at(&self, ip: IpAddr, now: Instant) -> Verdict {
+        if let Some(left) = self.penalty_left(ip, now) {
+            return Verdict {
+                allowed: false,
+                remaining: 0,
+                retry_after: left,
+                reset: left,
+                policy: self.connects.policy,
+            };
+        }
         self.connects.check(&ip_key(ip))
     }
 
@@ -445,6 +488,8 @@ impl Limits {
     }
 
     pub fn prune(&self) {
+        let now = Instant::now();
+        self.penalties().retain(|_, until| *until > now);
         self.messages.prune();
         self.typing.prune();
         self.connects.prune();
@@ -564,9 +609,44 @@ mod tests {
             rest_per_minute_per_ip: 60,
             rest_burst_per_ip: 10,
             ws_close_after_refused: 5,
+            abuse_penalty_secs: 10,
             redis_timeout_ms: 100,
             headers: true,
         }
+    }
+
+    #[test]
+    fn a_penalized_address_is_refused_until_its_penalty_ends() {
+        let limits = Limits::new(&config(), None).unwrap();
+        let ip: IpAddr = "2001:db8:7::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:7::2".parse().unwrap();
+        let other: IpAddr = "192.0.2.7".parse().unwrap();
+        let t0 = Instant::now();
+        assert!(limits.connect_at(ip, t0).allowed);
+        limits.penalize_at(ip, t0);
+        let refused = limits.connect_at(same_64, t0 + Duration::from_secs(4));
+        assert!(!refused.allowed, "the /64 serves the penalty");
+        assert_eq!(refused.retry_after, Duration::from_secs(6));
+        assert_eq!(refused.retry_after_secs(), 6);
+        assert!(
+            limits.connect_at(other, t0).allowed,
+            "other addresses are not"
+        );
+        assert!(limits.connect_at(ip, t0 + Duration::from_secs(10)).allowed);
+        // Expired penalties are pruned.
+        limits.penalize_at(other, t0 - Duration::from_secs(60));
+        limits.prune();
+        assert_eq!(limits.penalties().len(), 1);
+    }
+
+    #[test]
+    fn no_penalty_when_it_is_off() {
+        let mut off = config();
+        off.abuse_penalty_secs = 0;
+        let limits = Limits::new(&off, None).unwrap();
+        let ip: IpAddr = "192.0.2.8".parse().unwrap();
+        limits.penalize(ip);
+        assert!(limits.connect(ip).allowed);
     }
 
     #[test]

@@ -118,7 +118,8 @@ pub async fn connect_chat(
         .await
         .map_err(|e| ApiError::Internal(format!("join task failed: {e}")))??;
     let ws_config = &state.config.ws;
-    let settings = state.session.clone();
+    let mut settings = state.session.clone();
+    settings.client_ip = Some(client_ip);
     let shutdown = state.shutdown.clone();
     let alive = state.sessions.token();
     let expires_in = identity.as_ref().map(Identity::remaining);

@@ -60,6 +60,9 @@ pub struct SessionSettings {
     pub drain_window: Duration,
     /// Message and typing limits; `None` when limits are off.
     pub limits: Option<Arc<Limits>>,
+    /// The session's client address (set per session), penalized when the session is
+    /// closed for refused frames.
+    pub client_ip: Option<std::net::IpAddr>,
 }
 
 enum Step {
@@ -420,6 +423,10 @@ where
                 Refusal::RateLimited => close_code::RATE_LIMIT_REASON,
                 Refusal::Invalid => close_code::INVALID_FRAMES_REASON,
             };
+            // Before the close frame, so a reconnect right after it is already refused.
+            if let Some(ip) = settings.client_ip {
+                limits.penalize(ip);
+            }
             close(sink, close_code::POLICY, reason, settings).await;
             return Step::Stop("policy");
         }

@@ -377,4 +377,35 @@ async fn a_socket_sending_only_garbage_is_closed_too() {
     let close = ws.closed().await.expect("a close frame");
     assert_eq!(u16::from(close.code), 1008);
     assert_eq!(close.reason.as_str(), "too many refused frames");
+    // Its address may not come straight back (every member would see it join and
+    // leave again): 429 with the rest of the penalty as Retry-After.
+    match try_ws(app.port, "username=zed&channel=general").await {
+        Err((429, Some(retry))) => {
+            let retry: u64 = retry.parse().unwrap();
+            assert!((1..=10).contains(&retry), "{retry}");
+        }
+        other => panic!("expected 429, got {:?}", other.map(|_| "an open socket")),
+    }
+}
+
+#[tokio::test]
+async fn the_abuse_penalty_can_be_turned_off() {
+    let app = TestApp::spawn(
+        None,
+        &limited(&[("CHATGATE_LIMITS__ABUSE_PENALTY_SECS", "0")]),
+    )
+    .await;
+    let mut ws = app.ws("zed", "general").await;
+    for _ in 0..4 {
+        ws.send_text("not json").await;
+    }
+    assert_eq!(
+        u16::from(ws.closed().await.expect("a close frame").code),
+        1008
+    );
+    assert!(
+        try_ws(app.port, "username=zed&channel=general")
+            .await
+            .is_ok()
+    );
 }
