@@ -19,6 +19,7 @@ const TYPING_IDLE_MS = 2000; // typing_stop after this long without input
 const TYPING_SHOW_MS = 7000; // hide a peer's indicator not refreshed for this long
 const ONLINE_REFRESH_DELAY_MS = 150;
 const MAX_RECORDING_MS = 60000;
+const RECORDING_SLICE_MS = 250;
 const TOKEN_RENEW_LEAD_MS = 120000;
 const TOAST_MS = 8000;
 const MAX_TOASTS = 4;
@@ -894,11 +895,18 @@ async function onRecordClick() {
   const chunks = [];
   const entry = { recorder, stream, discard: false, timer: null };
   recorder.ondataavailable = (event) => {
-    if (event.data.size > 0) chunks.push(event.data);
+    if (event.data.size === 0) return;
+    chunks.push(event.data);
+    // Audio has been captured: the button says so (and tests wait for it).
+    if (state.recorder === entry) ui.record.dataset.recorded = "true";
   };
   recorder.onstop = async () => {
     stream.getTracks().forEach((t) => t.stop());
-    if (entry.discard || chunks.length === 0) return;
+    if (entry.discard) return;
+    if (chunks.length === 0) {
+      toast("Nothing was recorded: hold the recording a little longer.");
+      return;
+    }
     // A bare media type (no ";codecs=") so that the data URL matches the strict pattern.
     const type = (recorder.mimeType || mimeType || "audio/webm").split(";")[0].trim();
     const url = await readAsDataUrl(new Blob(chunks, { type }));
@@ -908,7 +916,8 @@ async function onRecordClick() {
   };
   state.recorder = entry;
   entry.timer = setTimeout(() => stopRecording(false), MAX_RECORDING_MS);
-  recorder.start();
+  // Data every 250 ms, so a recording is known to hold audio before it is stopped.
+  recorder.start(RECORDING_SLICE_MS);
   ui.record.setAttribute("aria-pressed", "true");
   ui.record.classList.add("recording");
   ui.record.title = "Stop and send";
@@ -921,6 +930,7 @@ function stopRecording(discard) {
   clearTimeout(entry.timer);
   entry.discard = discard;
   if (entry.recorder.state !== "inactive") entry.recorder.stop();
+  delete ui.record.dataset.recorded;
   ui.record.setAttribute("aria-pressed", "false");
   ui.record.classList.remove("recording");
   ui.record.title = "Record a short voice message";

@@ -144,6 +144,9 @@ describe("dev mode (usernames, no auth)", () => {
     const record = bob.getByTestId("record-button");
     await record.click();
     await bob.waitForSelector('[data-testid="record-button"][aria-pressed="true"]');
+    // Stop only once audio has been captured: a recording stopped within milliseconds
+    // holds too little to decode.
+    await bob.waitForSelector('[data-testid="record-button"][data-recorded="true"]');
     await record.click();
     await bob.waitForSelector('[data-testid="record-button"][aria-pressed="false"]');
     const audio = await alice.waitForFunction(() => {
