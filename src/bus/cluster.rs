@@ -17,7 +17,6 @@
 //! says ready, every wanted channel was confirmed on the connection in use.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::cluster_async::ClusterConnection;
@@ -27,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-use super::redis::{BACKOFF_MAX, BACKOFF_MIN, Command, Links};
+use super::redis::{Command, Exit, Links, Sessions};
 use crate::store::connection::ClusterBus;
 
 /// How often every primary is pinged.
@@ -50,9 +49,19 @@ struct Session {
     leaving: HashMap<String, usize>,
 }
 
-enum Exit {
-    Shutdown,
-    Lost(String),
+impl Sessions for ClusterSubscriber {
+    fn session(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Command>,
+        shutdown: &CancellationToken,
+        connected_before: &mut bool,
+    ) -> impl std::future::Future<Output = Exit> + Send {
+        self.serve(rx, shutdown, connected_before)
+    }
+
+    fn parts(&mut self) -> (&Links, &mut HashSet<String>, &mut Vec<oneshot::Sender<()>>) {
+        (&self.links, &mut self.wanted, &mut self.waiting)
+    }
 }
 
 impl ClusterSubscriber {
@@ -65,44 +74,8 @@ impl ClusterSubscriber {
         }
     }
 
-    pub(super) async fn run(
-        mut self,
-        mut rx: mpsc::UnboundedReceiver<Command>,
-        shutdown: CancellationToken,
-    ) {
-        let mut backoff = BACKOFF_MIN;
-        let mut connected_before = false;
-        loop {
-            let exit = self
-                .session(&mut rx, &shutdown, &mut connected_before)
-                .await;
-            if self.links.ready.swap(false, Ordering::AcqRel) {
-                backoff = BACKOFF_MIN;
-            }
-            match exit {
-                Exit::Shutdown => return,
-                Exit::Lost(why) => tracing::warn!(error = %why,
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "cluster bus lost its subscriptions; reconnecting"),
-            }
-            let go_on = self
-                .links
-                .pause(
-                    backoff,
-                    &mut rx,
-                    &shutdown,
-                    &mut self.wanted,
-                    &mut self.waiting,
-                )
-                .await;
-            if !go_on {
-                return;
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-    }
-
-    async fn session(
+    /// One connection's life: connect, subscribe everything wanted, then serve.
+    async fn serve(
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<Command>,
         shutdown: &CancellationToken,

@@ -77,7 +77,12 @@ impl RedisBus {
             BusSource::Sentinel(primary) => Target::Sentinel(primary),
             BusSource::Cluster(source) => {
                 let subscriber = super::cluster::ClusterSubscriber::new(source, links);
-                tracker.spawn(subscriber.run(rx, shutdown));
+                tracker.spawn(keep_connected(
+                    subscriber,
+                    rx,
+                    shutdown,
+                    "cluster bus lost its subscriptions",
+                ));
                 return Self {
                     commands,
                     ready,
@@ -92,7 +97,12 @@ impl RedisBus {
             wanted: HashSet::new(),
             waiting: Vec::new(),
         };
-        tracker.spawn(subscriber.run(rx, shutdown));
+        tracker.spawn(keep_connected(
+            subscriber,
+            rx,
+            shutdown,
+            "bus subscriber disconnected from Redis",
+        ));
         Self {
             commands,
             ready,
@@ -237,49 +247,81 @@ struct Subscriber {
     waiting: Vec<oneshot::Sender<()>>,
 }
 
-enum Exit {
+/// How one connection's life ended.
+pub(super) enum Exit {
     Shutdown,
-    Disconnected(String),
+    /// The connection (or a subscription on it) was lost: reconnect.
+    Lost(String),
+}
+
+/// A subscriber task that lives in sessions, one per connection.
+pub(super) trait Sessions: Send {
+    /// One connection's life: connect, subscribe everything wanted, then serve.
+    fn session(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Command>,
+        shutdown: &CancellationToken,
+        connected_before: &mut bool,
+    ) -> impl std::future::Future<Output = Exit> + Send;
+
+    /// The shared parts, the channels wanted and the subscriptions waiting.
+    fn parts(&mut self) -> (&Links, &mut HashSet<String>, &mut Vec<oneshot::Sender<()>>);
+}
+
+/// Runs sessions until shutdown: after a lost connection, waits out a backoff pause
+/// (capped exponential steps with full jitter, back to the shortest step after a
+/// connection that worked) and starts the next session. `what` names the subscriber in
+/// the warning.
+pub(super) async fn keep_connected<S: Sessions>(
+    mut subscriber: S,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    shutdown: CancellationToken,
+    what: &'static str,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut connected_before = false;
+    loop {
+        let exit = subscriber
+            .session(&mut rx, &shutdown, &mut connected_before)
+            .await;
+        let (links, wanted, waiting) = subscriber.parts();
+        if links.ready.swap(false, Ordering::AcqRel) {
+            // This connection worked: the next outage starts from the shortest pause.
+            backoff = BACKOFF_MIN;
+        }
+        match exit {
+            Exit::Shutdown => return,
+            Exit::Lost(why) => tracing::warn!(error = %why,
+                retry_in_ms = backoff.as_millis() as u64, "{what}; reconnecting"),
+        }
+        if !links
+            .pause(backoff, &mut rx, &shutdown, wanted, waiting)
+            .await
+        {
+            return;
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+impl Sessions for Subscriber {
+    fn session(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Command>,
+        shutdown: &CancellationToken,
+        connected_before: &mut bool,
+    ) -> impl std::future::Future<Output = Exit> + Send {
+        self.serve(rx, shutdown, connected_before)
+    }
+
+    fn parts(&mut self) -> (&Links, &mut HashSet<String>, &mut Vec<oneshot::Sender<()>>) {
+        (&self.links, &mut self.wanted, &mut self.waiting)
+    }
 }
 
 impl Subscriber {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
-        let mut connected_before = false;
-        loop {
-            let exit = self
-                .session(&mut rx, &shutdown, &mut connected_before)
-                .await;
-            if self.links.ready.swap(false, Ordering::AcqRel) {
-                // This connection worked: the next outage starts from the shortest pause.
-                backoff = BACKOFF_MIN;
-            }
-            match exit {
-                Exit::Shutdown => return,
-                Exit::Disconnected(why) => {
-                    tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64,
-                        "bus subscriber disconnected from Redis; reconnecting");
-                }
-            }
-            let go_on = self
-                .links
-                .pause(
-                    backoff,
-                    &mut rx,
-                    &shutdown,
-                    &mut self.wanted,
-                    &mut self.waiting,
-                )
-                .await;
-            if !go_on {
-                return;
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-    }
-
     /// One connection's life: connect, subscribe everything wanted, then serve.
-    async fn session(
+    async fn serve(
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<Command>,
         shutdown: &CancellationToken,
@@ -290,15 +332,15 @@ impl Subscriber {
             rx.mark_unchanged();
         }
         let Some(client) = self.target.client() else {
-            return Exit::Disconnected("no Redis primary known".into());
+            return Exit::Lost("no Redis primary known".into());
         };
         let connect = timeout(self.links.timeouts.connect, client.get_async_pubsub());
         let pubsub = tokio::select! {
             () = shutdown.cancelled() => return Exit::Shutdown,
             r = connect => match r {
                 Ok(Ok(pubsub)) => pubsub,
-                Ok(Err(e)) => return Exit::Disconnected(e.to_string()),
-                Err(_) => return Exit::Disconnected("connect timed out".into()),
+                Ok(Err(e)) => return Exit::Lost(e.to_string()),
+                Err(_) => return Exit::Lost("connect timed out".into()),
             },
         };
         let (mut sink, mut stream) = pubsub.split();
@@ -313,8 +355,8 @@ impl Subscriber {
             let names: Vec<String> = wanted.iter().map(|c| self.links.keys.events(c)).collect();
             match timeout(self.links.timeouts.command, sink.subscribe(&names)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return Exit::Disconnected(e.to_string()),
-                Err(_) => return Exit::Disconnected("resubscribe timed out".into()),
+                Ok(Err(e)) => return Exit::Lost(e.to_string()),
+                Err(_) => return Exit::Lost("resubscribe timed out".into()),
             }
         }
         self.wanted = wanted.into_iter().collect();
@@ -330,7 +372,7 @@ impl Subscriber {
                 biased;
                 () = shutdown.cancelled() => return Exit::Shutdown,
                 () = moved(&mut moves) => {
-                    return Exit::Disconnected("the Redis primary changed".into());
+                    return Exit::Lost("the Redis primary changed".into());
                 }
                 cmd = rx.recv() => match cmd {
                     None => return Exit::Shutdown,
@@ -348,7 +390,7 @@ impl Subscriber {
                             failed => {
                                 self.wanted.insert(channel);
                                 self.waiting.push(ack);
-                                return Exit::Disconnected(describe(failed));
+                                return Exit::Lost(describe(failed));
                             }
                         }
                     }
@@ -360,19 +402,19 @@ impl Subscriber {
                         if let failed @ (Ok(Err(_)) | Err(_)) =
                             timeout(self.links.timeouts.command, sink.unsubscribe(&name)).await
                         {
-                            return Exit::Disconnected(describe(failed));
+                            return Exit::Lost(describe(failed));
                         }
                     }
                 },
                 _ = ping.tick() => {
                     let pong = timeout(self.links.timeouts.command, sink.ping::<redis::Value>()).await;
                     if let failed @ (Ok(Err(_)) | Err(_)) = pong {
-                        return Exit::Disconnected(describe(failed.map(|r| r.map(drop))));
+                        return Exit::Lost(describe(failed.map(|r| r.map(drop))));
                     }
                 }
                 msg = stream.next() => {
                     let Some(msg) = msg else {
-                        return Exit::Disconnected("connection closed".into());
+                        return Exit::Lost("connection closed".into());
                     };
                     if let Some(channel) = self.links.keys.channel_of_events(msg.get_channel_name()) {
                         self.links.sink.deliver(channel, msg.get_payload_bytes());
