@@ -16,6 +16,9 @@ use crate::bus::redis::{BusTimeouts, RedisBus};
 use crate::chat::{ChatLimits, ChatService};
 use crate::config::Config;
 use crate::limits::Limits;
+use crate::limits::payload::PayloadBudget;
+use crate::ws::gate::GateHandle;
+use crate::ws::protocol::FrameCaps;
 use crate::state::{AppState, Inner};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{Keys, RedisStore, WaitReplicas};
@@ -135,7 +138,27 @@ impl Application {
             outbound_queue_bytes: config.ws.outbound_queue_bytes,
             presence_refresh: Duration::from_secs(config.store.presence_refresh_secs),
         };
-        let chat = Arc::new(ChatService::new(store, bus, hub, limits, sessions.clone()));
+        let budgets = Limits::new(&config.limits, shared_rates).map(Arc::new);
+        match &budgets {
+            Some(limits) => {
+                background_tasks.spawn(limits.clone().keep_pruned(background.clone()));
+            }
+            None => tracing::warn!("limits.enabled = false: no rate or connection limits"),
+        }
+        let chat = Arc::new(ChatService::new(
+            store,
+            bus,
+            hub,
+            limits,
+            budgets.clone(),
+            sessions.clone(),
+        ));
+        let limits = budgets;
+        let payloads = Arc::new(PayloadBudget::new(
+            config.memory.large_payload_budget_bytes,
+            config.ws.max_frame_bytes,
+            Duration::from_millis(config.memory.large_payload_wait_ms),
+        ));
         background_tasks.spawn(chat.clone().refresh_presence(background.clone()));
 
         let auth = if config.auth.enabled {
@@ -152,13 +175,6 @@ impl Application {
             None
         };
         let origins = crate::http::origin::OriginPolicy::new(&config.cors, config.dev);
-        let limits = Limits::new(&config.limits, shared_rates).map(Arc::new);
-        match &limits {
-            Some(limits) => {
-                background_tasks.spawn(limits.clone().keep_pruned(background.clone()));
-            }
-            None => tracing::warn!("limits.enabled = false: no rate or connection limits"),
-        }
 
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
         let session = SessionSettings {
@@ -169,6 +185,11 @@ impl Application {
             drain_window: grace.mul_f64(0.8),
             limits: limits.clone(),
             client_ip: None,
+            payloads: payloads.clone(),
+            caps: FrameCaps {
+                small: config.ws.max_frame_bytes,
+            },
+            gate: GateHandle::default(),
         };
         let addr = format!("{}:{}", config.server.host, config.server.port);
         let listener = bind(&addr)
@@ -194,6 +215,7 @@ impl Application {
             auth,
             origins,
             limits,
+            payloads,
         });
         Ok(Self {
             listener,

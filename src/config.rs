@@ -35,6 +35,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub cors: CorsConfig,
     pub limits: LimitsConfig,
+    pub memory: MemoryConfig,
     pub web: WebConfig,
     pub admin: AdminConfig,
     pub telemetry: TelemetryConfig,
@@ -231,6 +232,9 @@ pub struct ChatConfig {
 #[serde(deny_unknown_fields)]
 pub struct WsConfig {
     pub max_message_bytes: usize,
+    /// The small cap: every frame but an image or audio message (and every REST body but
+    /// one carrying media). 0: derived from `chat.max_text_bytes`.
+    pub max_frame_bytes: usize,
     pub read_buffer_bytes: usize,
     pub write_buffer_bytes: usize,
     pub max_write_buffer_bytes: usize,
@@ -319,6 +323,27 @@ pub struct LimitsConfig {
     pub abuse_penalty_secs: u64,
     pub redis_timeout_ms: u64,
     pub headers: bool,
+    /// Media bytes per user (decoded data URLs' text, WebSocket and REST together).
+    pub media_bytes_per_minute: u64,
+    pub media_burst_bytes: u64,
+    /// New channels per user (a channel is created by its first message).
+    pub channels_per_minute: u32,
+    pub channel_burst: u32,
+    /// Message deletes per user.
+    pub deletes_per_minute: u32,
+    pub delete_burst: u32,
+}
+
+/// What one process may hold for large payloads (see [`crate::limits::payload`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Bytes of large payloads in flight at once (in and out).
+    pub large_payload_budget_bytes: usize,
+    /// Milliseconds a large payload waits for room before it is refused.
+    pub large_payload_wait_ms: u64,
+    /// Seconds a large WebSocket message may take to arrive once admitted.
+    pub large_message_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -537,6 +562,11 @@ impl Config {
         if self.ws.max_message_bytes == 0 {
             self.ws.max_message_bytes = largest;
         }
+        if self.ws.max_frame_bytes == 0 {
+            // Raw text may be twice the stored limit (markup is stripped), and JSON can
+            // escape each byte as six (\u00XX); plus room for the other fields.
+            self.ws.max_frame_bytes = self.chat.max_text_bytes * 12 + 4096;
+        }
         if self.server.max_body_bytes == 0 {
             self.server.max_body_bytes = largest;
         }
@@ -646,11 +676,35 @@ impl Config {
                 l.rest_per_minute_per_ip,
                 l.rest_burst_per_ip,
                 l.ws_close_after_refused,
+                l.channels_per_minute,
+                l.channel_burst,
+                l.deletes_per_minute,
+                l.delete_burst,
             ]
             .iter()
             .all(|v| *v >= 1)
-                && l.redis_timeout_ms >= 1,
+                && l.redis_timeout_ms >= 1
+                && l.media_bytes_per_minute >= 1,
             "every limits.* rate, burst and cap must be at least 1 (turn limits off with limits.enabled = false)",
+        );
+        check(
+            l.media_burst_bytes >= media as u64,
+            "limits.media_burst_bytes must be at least the longest valid media data URL \
+             (from chat.max_image_bytes and chat.max_audio_bytes), or no media could be sent",
+        );
+        check(
+            self.ws.max_frame_bytes >= 1024 && self.ws.max_frame_bytes < self.ws.max_message_bytes,
+            "ws.max_frame_bytes must be at least 1024 and below ws.max_message_bytes",
+        );
+        let budget = self.memory.large_payload_budget_bytes;
+        check(
+            budget >= self.ws.max_message_bytes && budget >= self.server.max_body_bytes,
+            "memory.large_payload_budget_bytes must be at least ws.max_message_bytes and \
+             server.max_body_bytes (one largest payload must fit)",
+        );
+        check(
+            self.memory.large_payload_wait_ms >= 1 && self.memory.large_message_timeout_secs >= 1,
+            "memory.large_payload_wait_ms and memory.large_message_timeout_secs must be at least 1",
         );
         check(
             self.ws.read_buffer_bytes >= 256,

@@ -56,6 +56,19 @@ pub enum ApiError {
     /// A bug; the string is the cause, for logs.
     #[error("internal error: {0}")]
     Internal(String),
+    /// Too many large payloads in flight in this process: 503 with `Retry-After`.
+    #[error("server busy")]
+    Busy(crate::limits::payload::Busy),
+    /// The store is near its memory ceiling: 507, new media is refused.
+    #[error("storage full")]
+    StorageFull,
+    /// A protocol-level refusal with its own status (a malformed WebSocket upgrade).
+    #[error("{detail}")]
+    Status {
+        status: StatusCode,
+        code: &'static str,
+        detail: &'static str,
+    },
 }
 
 /// The cause of a 5xx, for the logging middleware only.
@@ -100,6 +113,9 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
+            Self::Status { status, .. } => *status,
         }
     }
 
@@ -110,13 +126,16 @@ impl ApiError {
             | Self::PayloadTooLarge { code, .. }
             | Self::Forbidden { code, .. } => code,
             Self::Unauthorized(e) => e.code(),
-            Self::RateLimited(_) => "rate_limited",
+            Self::RateLimited(v) => crate::chat::service::limited_code(v),
             Self::TooManyConnections(Refusal::Full) => "server_full",
             Self::TooManyConnections(_) => "too_many_connections",
             Self::NotFound(_) => "not_found",
             Self::Unavailable(_) => "store_unavailable",
             Self::ShuttingDown => "shutting_down",
             Self::Internal(_) => "internal",
+            Self::Busy(_) => "server_busy",
+            Self::StorageFull => "storage_full",
+            Self::Status { code, .. } => code,
         }
     }
 }
@@ -137,6 +156,8 @@ impl From<ChatError> for ApiError {
             },
             ChatError::NotFound(what) => Self::NotFound(what),
             ChatError::Unavailable(cause) => Self::Unavailable(cause),
+            ChatError::Limited(verdict) => Self::RateLimited(verdict),
+            ChatError::StorageFull => Self::StorageFull,
         }
     }
 }
@@ -152,6 +173,7 @@ impl IntoResponse for ApiError {
         let (retry_after, verdict) = match &self {
             Self::RateLimited(v) => (Some(v.retry_after_secs()), Some(v.clone())),
             Self::TooManyConnections(Refusal::PerIp | Refusal::PerUser) => (Some(5), None),
+            Self::Busy(busy) => (Some(busy.retry_after.as_secs().max(1)), None),
             _ => (None, None),
         };
         let (detail, cause) = match self {
@@ -160,13 +182,31 @@ impl IntoResponse for ApiError {
             | Self::Forbidden { detail, .. } => (detail, None),
             Self::Unauthorized(e) => (e.to_string(), None),
             Self::RateLimited(v) => (
-                format!(
-                    "Too many requests ({} limit): retry in {} s",
-                    v.policy.name,
-                    v.retry_after_secs()
-                ),
+                match v.policy.name {
+                    "media" => format!(
+                        "Media quota exceeded (bytes of images and audio per user): retry in {} s",
+                        v.retry_after_secs()
+                    ),
+                    "channels" => format!(
+                        "Too many new channels: retry in {} s",
+                        v.retry_after_secs()
+                    ),
+                    name => format!(
+                        "Too many requests ({name} limit): retry in {} s",
+                        v.retry_after_secs()
+                    ),
+                },
                 None,
             ),
+            Self::Busy(_) => (
+                "Server busy with large payloads, try again shortly".to_string(),
+                None,
+            ),
+            Self::StorageFull => (
+                "Chat storage is full: media is refused until it has room".to_string(),
+                None,
+            ),
+            Self::Status { detail, .. } => (detail.to_string(), None),
             Self::TooManyConnections(Refusal::PerIp) => {
                 ("Too many connections from your address".to_string(), None)
             }
@@ -207,7 +247,9 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(axum::http::header::WWW_AUTHENTICATE, challenge);
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE
+            && !response.headers().contains_key("retry-after")
+        {
             response
                 .headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));

@@ -11,6 +11,7 @@ use crate::chat::ChatService;
 use crate::config::Config;
 use crate::http::origin::OriginPolicy;
 use crate::limits::Limits;
+use crate::limits::payload::PayloadBudget;
 use crate::ws::session::SessionSettings;
 
 #[derive(Clone)]
@@ -30,6 +31,8 @@ pub struct Inner {
     pub origins: OriginPolicy,
     /// Rate and connection limits; `None` when `limits.enabled` is false.
     pub limits: Option<Arc<Limits>>,
+    /// Bytes of large payloads in flight (always on, whatever `limits.enabled` says).
+    pub payloads: Arc<PayloadBudget>,
 }
 
 impl AppState {

@@ -21,6 +21,7 @@ use super::model::{
 use crate::bus::Bus;
 use crate::bus::hub::{Hub, Member, Outbox, outbox};
 use crate::content::{MediaKind, MediaLimits};
+use crate::limits::{Limits, Verdict};
 use crate::store::{Deleted, PresenceMember, Store, StoreError};
 
 /// Why a chat operation failed. Maps to a REST status and a WebSocket error code.
@@ -38,6 +39,36 @@ pub enum ChatError {
     /// Redis (store or bus) failed; the cause is for logs only.
     #[error("chat store unavailable: {0}")]
     Unavailable(String),
+    /// Over a budget of the sender's (messages, media bytes, new channels, deletes); the
+    /// verdict's policy names which.
+    #[error("over the {} budget", .0.policy.name)]
+    Limited(Verdict),
+    /// The store is close to its memory ceiling: new media is refused until it has room.
+    #[error("chat storage is full")]
+    StorageFull,
+}
+
+impl ChatError {
+    /// The stable code a client sees (REST `code`, WebSocket error frame `code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Invalid(e) => e.code,
+            Self::NotFound(_) => "not_found",
+            Self::NotOwner => "not_owner",
+            Self::Unavailable(_) => "store_unavailable",
+            Self::Limited(verdict) => limited_code(verdict),
+            Self::StorageFull => "storage_full",
+        }
+    }
+}
+
+/// The code of a refusal by a budget, from the budget's policy.
+pub fn limited_code(verdict: &Verdict) -> &'static str {
+    match verdict.policy.name {
+        "media" => "media_quota_exceeded",
+        "channels" => "channel_quota_exceeded",
+        _ => "rate_limited",
+    }
 }
 
 impl From<ValidationError> for ChatError {
@@ -81,6 +112,19 @@ impl Draft {
     pub fn message_type(&self) -> &'static str {
         self.message_type.as_str()
     }
+
+    /// Image or audio: counted against the sender's media bytes.
+    pub fn is_media(&self) -> bool {
+        self.message_type != MessageType::Text
+    }
+}
+
+/// A message accepted by [`ChatService::post`], with the sender's message budget after it
+/// (for RateLimit headers).
+#[derive(Debug)]
+pub struct Posted {
+    pub message: ChatMessage,
+    pub budget: Option<Verdict>,
 }
 
 impl Draft {
@@ -147,6 +191,9 @@ pub struct ChatService {
     bus: Arc<dyn Bus>,
     hub: Arc<Hub>,
     limits: ChatLimits,
+    /// The sender budgets (messages, media bytes, new channels, deletes); `None` when
+    /// `limits.enabled` is false.
+    budgets: Option<Arc<Limits>>,
     /// Spawns the cleanup of connections dropped without [`Connection::close`].
     tracker: TaskTracker,
     next_conn: AtomicU64,
@@ -174,6 +221,7 @@ impl ChatService {
         bus: Arc<dyn Bus>,
         hub: Arc<Hub>,
         limits: ChatLimits,
+        budgets: Option<Arc<Limits>>,
         tracker: TaskTracker,
     ) -> Self {
         Self {
@@ -181,6 +229,7 @@ impl ChatService {
             bus,
             hub,
             limits,
+            budgets,
             tracker,
             next_conn: AtomicU64::new(1),
         }
@@ -199,6 +248,63 @@ impl ChatService {
             replica: self.hub.replica().into(),
             conn,
         }
+    }
+
+    /// The one send use case, for every face: the sender's message budget (every attempt
+    /// costs one, so invalid and expensive content is paced like valid content), the
+    /// content rules, then for media the store's room and the sender's media bytes, then
+    /// [`ChatService::send`]. Records `message_type` and `outcome` on the current span.
+    ///
+    /// # Errors
+    /// [`ChatError::Limited`], [`ChatError::Invalid`], [`ChatError::StorageFull`],
+    /// [`ChatError::Unavailable`]; nothing is stored on any of them.
+    pub async fn post(
+        &self,
+        sender: &Username,
+        channel: &ChannelName,
+        content: String,
+        message_type: &str,
+        from: Option<(u64, Option<&str>)>,
+    ) -> Result<Posted, ChatError> {
+        let span = tracing::Span::current();
+        let budget = match &self.budgets {
+            Some(budgets) => {
+                let verdict = budgets.message_attempt(sender.as_str()).await;
+                if !verdict.allowed {
+                    return Err(ChatError::Limited(verdict));
+                }
+                Some(verdict)
+            }
+            None => None,
+        };
+        let refused = |code: &'static str| {
+            crate::metrics::message_refused(code);
+            span.record("outcome", code);
+        };
+        let draft = tracing::debug_span!("chat.validate")
+            .in_scope(|| Draft::parse(content, message_type, &self.limits))
+            .inspect_err(|e| refused(e.code))?;
+        // Only the validated type: the raw field is client input of any size.
+        span.record("message_type", draft.message_type());
+        if draft.is_media() {
+            if self.store.storage_full() {
+                refused("storage_full");
+                return Err(ChatError::StorageFull);
+            }
+            if let Some(budgets) = &self.budgets {
+                let verdict = budgets.media(sender.as_str(), draft.content.len()).await;
+                if !verdict.allowed {
+                    refused("media_quota_exceeded");
+                    return Err(ChatError::Limited(verdict));
+                }
+            }
+        }
+        let message = self
+            .send(sender, channel, draft, from)
+            .await
+            .inspect_err(|e| refused(e.code()))?;
+        span.record("outcome", "sent");
+        Ok(Posted { message, budget })
     }
 
     /// Stores a message and publishes it to the channel. `from` is the sending connection
@@ -238,7 +344,8 @@ impl ChatService {
     }
 
     /// Deletes a message by id and tells the channel. With `owner`, only that user's
-    /// message may go (checked in the same atomic step as the removal).
+    /// message may go (checked in the same atomic step as the removal). `caller` (the
+    /// user, or the client address with auth off) spends one of its delete budget.
     ///
     /// # Errors
     /// [`ChatError::NotFound`] when the channel's history has no such message,
@@ -248,7 +355,14 @@ impl ChatService {
         channel: &ChannelName,
         id: &MessageId,
         owner: Option<&Username>,
+        caller: &str,
     ) -> Result<(), ChatError> {
+        if let Some(budgets) = &self.budgets {
+            let verdict = budgets.delete(caller).await;
+            if !verdict.allowed {
+                return Err(ChatError::Limited(verdict));
+            }
+        }
         let frame = ServerFrame::MessageDeleted {
             message_id: id.to_string(),
             channel: channel.to_string(),
@@ -543,21 +657,24 @@ impl Connection {
         &self.service.limits
     }
 
-    /// Sends a chat message from this connection; the echo carries `client_id`.
+    /// Posts a chat message from this connection (see [`ChatService::post`]); the echo
+    /// carries `client_id`.
     ///
     /// # Errors
-    /// See [`ChatService::send`].
-    pub async fn send(
+    /// See [`ChatService::post`].
+    pub async fn post(
         &mut self,
-        draft: Draft,
+        content: String,
+        message_type: &str,
         client_id: Option<&str>,
     ) -> Result<ChatMessage, ChatError> {
         let service = self.service.clone();
-        let message = service
-            .send(
+        let posted = service
+            .post(
                 &self.username,
                 &self.channel,
-                draft,
+                content,
+                message_type,
                 Some((self.conn, client_id)),
             )
             .await?;
@@ -568,7 +685,7 @@ impl Connection {
                 tracing::warn!(channel = %self.channel, error = %e, "could not clear typing after a send");
             }
         }
-        Ok(message)
+        Ok(posted.message)
     }
 
     /// Starts or stops this user's typing indicator for the others.

@@ -1,5 +1,6 @@
 //! HTTP: the REST routes of the original API, health endpoints, and the middleware stack.
 
+pub mod body;
 pub mod caller;
 pub mod client_ip;
 pub mod middleware;

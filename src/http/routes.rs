@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, Path, Query, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::chat::model::{ChannelName, DEFAULT_CHANNEL, MessageId};
-use crate::chat::{ChatError, Draft};
+use crate::http::body::Budgeted;
+use crate::http::client_ip::ClientIp;
 use crate::error::{ApiError, AppResult};
 use crate::http::caller::Caller;
 use crate::limits::RateHeaders;
@@ -30,28 +31,6 @@ pub fn router() -> Router<AppState> {
         .route("/api/chat/message", post(send_message))
         .route("/api/chat/message/{message_id}", delete(delete_message))
         .route("/api/me", get(me))
-}
-
-/// `axum::Json` whose rejections use the app's error format: 413 for an oversized body,
-/// 400 for everything else (bad JSON, missing or mistyped fields, wrong content type).
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
-pub struct AppJson<T>(pub T);
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge {
-                code: "payload_too_large",
-                detail: "request body too large".into(),
-            }
-        } else {
-            ApiError::bad_request(
-                "invalid_request",
-                format!("Invalid request format: {}", rejection.body_text()),
-            )
-        }
-    }
 }
 
 type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
@@ -175,7 +154,8 @@ async fn list_channels(caller: Caller, State(state): State<AppState>) -> AppResu
 /// The body of `POST /api/chat/message`: a JSON object (an array is refused even where
 /// its items would fit). `channel` and `message_type` default as in the original, and
 /// `null` means the default, as on the WebSocket. With auth on, `sender` may be left out
-/// (the token names the sender) and must match the token when given.
+/// (the token names the sender) and must match the token when given. Other fields are
+/// skipped without being built (`IgnoredAny`), whatever their size.
 #[derive(Debug, Deserialize)]
 pub struct SendMessageBody {
     #[serde(default)]
@@ -187,20 +167,42 @@ pub struct SendMessageBody {
     message_type: Option<String>,
 }
 
+impl SendMessageBody {
+    /// Parses a body; one over `small` bytes must carry an image or audio message.
+    fn parse(bytes: &[u8], small: usize) -> AppResult<Self> {
+        let invalid = |detail: String| ApiError::bad_request("invalid_request", detail);
+        if bytes.trim_ascii_start().first() != Some(&b'{') {
+            return Err(invalid(
+                "Invalid request format: the body must be a JSON object".into(),
+            ));
+        }
+        let body: Self = serde_json::from_slice(bytes)
+            .map_err(|e| invalid(format!("Invalid request format: {e}")))?;
+        let media = body
+            .message_type
+            .as_deref()
+            .is_some_and(crate::ws::protocol::is_media_type);
+        if bytes.len() > small && !media {
+            return Err(ApiError::PayloadTooLarge {
+                code: "payload_too_large",
+                detail: format!(
+                    "request body too large: only image and audio messages may exceed {small} bytes"
+                ),
+            });
+        }
+        Ok(body)
+    }
+}
+
 async fn send_message(
     caller: Caller,
     State(state): State<AppState>,
-    AppJson(body): AppJson<Value>,
+    body: Budgeted,
 ) -> AppResult<(Option<Extension<RateHeaders>>, Json<Value>)> {
-    if !body.is_object() {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "Invalid request format: the body must be a JSON object",
-        ));
-    }
-    let body: SendMessageBody = serde_json::from_value(body).map_err(|e| {
-        ApiError::bad_request("invalid_request", format!("Invalid request format: {e}"))
-    })?;
+    let Budgeted { bytes, permit } = body;
+    let body = SendMessageBody::parse(&bytes, state.payloads.small())?;
+    // The raw body is not needed once parsed: only its permits stay, until the send ends.
+    drop(bytes);
     let unprocessable = |e: crate::chat::model::ValidationError| ApiError::Unprocessable {
         code: e.code,
         detail: e.detail,
@@ -218,48 +220,19 @@ async fn send_message(
         content_bytes = body.content.len(),
         outcome = tracing::field::Empty,
     );
-    let (verdict, message) = async {
-        // The sender's message budget, shared with its WebSocket sends, before the
-        // content is checked: every attempt costs one, so invalid (and expensive) content
-        // is paced too.
-        let verdict = match &state.limits {
-            Some(limits) => {
-                let verdict = limits.message_attempt(sender.as_str()).await;
-                if !verdict.allowed {
-                    return Err(ApiError::RateLimited(verdict));
-                }
-                Some(Extension(RateHeaders(vec![verdict])))
-            }
-            None => None,
-        };
-        let draft = tracing::debug_span!("chat.validate")
-            .in_scope(|| Draft::parse(body.content, message_type, state.chat.limits()))
-            .map_err(|e| {
-                crate::metrics::message_refused(e.code);
-                tracing::Span::current().record("outcome", e.code);
-                ChatError::from(e)
-            })?;
-        tracing::Span::current().record("message_type", draft.message_type());
-        let message = state
-            .chat
-            .send(&sender, &channel, draft, None)
-            .await
-            .inspect_err(|_| {
-                crate::metrics::message_refused("store_unavailable");
-                tracing::Span::current().record("outcome", "failed");
-            })?;
-        tracing::Span::current().record("outcome", "sent");
-        crate::metrics::message_received("rest");
-        Ok((verdict, message))
-    }
-    .instrument(span)
-    .await?;
+    let posted = state
+        .chat
+        .post(&sender, &channel, body.content, message_type, None)
+        .instrument(span)
+        .await?;
+    drop(permit);
+    crate::metrics::message_received("rest");
     Ok((
-        verdict,
+        posted.budget.map(|v| Extension(RateHeaders(vec![v]))),
         Json(json!({
             "success": true,
             "message": "Message sent successfully",
-            "data": message,
+            "data": posted.message,
         })),
     ))
 }
@@ -268,6 +241,7 @@ async fn send_message(
 /// or anyone's for a caller holding an admin role.
 async fn delete_message(
     caller: Caller,
+    client_ip: Option<Extension<ClientIp>>,
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
     query: Params,
@@ -283,7 +257,12 @@ async fn delete_message(
         .identity()
         .filter(|identity| !identity.admin)
         .map(|identity| &identity.username);
-    state.chat.delete(&channel, &id, owner).await?;
+    // The delete budget is the caller's: its user, or with auth off its address.
+    let by = match caller.identity() {
+        Some(identity) => identity.username.to_string(),
+        None => client_ip.map_or_else(|| "unknown".to_string(), |ip| ip.0.0.to_string()),
+    };
+    state.chat.delete(&channel, &id, owner, &by).await?;
     Ok(Json(json!({
         "success": true,
         "message": "Message deleted successfully",

@@ -3,7 +3,10 @@
 //! | limit | key | where decided |
 //! |---|---|---|
 //! | messages (WebSocket and REST) | user | Redis (one GCRA script, Redis's clock), so replicas share one budget; locally when Redis does not answer within `limits.redis_timeout_ms` (never unlimited) |
-//! | typing events | user | locally; extra events are dropped silently |
+//! | media bytes (images and audio, WebSocket and REST) | user | Redis, like messages; in KiB |
+//! | new channels (the first message of a channel) | user | Redis, like messages |
+//! | message deletes | user | Redis, like messages |
+//! | typing events | user | locally; extra events are dropped (and count as refused frames) |
 //! | new WebSocket connections | client IP (IPv6 by /64) | locally |
 //! | REST requests to `/api/` | client IP (IPv6 by /64) | locally |
 //! | concurrent connections | client IP, user, process | locally, released when the session ends |
@@ -30,6 +33,12 @@ use tracing::Instrument;
 
 use crate::config::LimitsConfig;
 use crate::store::RateStore;
+
+pub mod payload;
+
+/// Bytes per unit of the media quota: budgets count KiB, so a 10 MiB clip costs 10,240
+/// units and a day of uploads fits the limiter's 32-bit counts.
+pub const MEDIA_UNIT_BYTES: usize = 1024;
 
 /// How often keyed limiters drop keys that are back to a full bucket.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(30);
@@ -125,6 +134,11 @@ pub fn write_headers(headers: &mut HeaderMap, verdicts: &[Verdict]) {
     }
 }
 
+/// Bytes as media quota units, rounded up (at least 1).
+fn kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(MEDIA_UNIT_BYTES as u64).max(1)).unwrap_or(u32::MAX)
+}
+
 /// IPv4 addresses as they are; IPv6 by /64 (one subscriber's network, RFC 6177).
 pub fn ip_key(ip: IpAddr) -> IpAddr {
     match ip {
@@ -158,7 +172,35 @@ impl<K: Hash + Eq + Clone, C: Clock> Keyed<K, C> {
     }
 
     pub fn check(&self, key: &K) -> Verdict {
-        match self.limiter.check_key(key) {
+        self.check_n(key, 1)
+    }
+
+    /// Takes `cost` units at once; a cost above the burst is never allowed (it waits for
+    /// the whole burst, the longest any answer can say).
+    pub fn check_n(&self, key: &K, cost: u32) -> Verdict {
+        let Some(n) = NonZeroU32::new(cost) else {
+            return Verdict {
+                allowed: true,
+                remaining: self.policy.quota,
+                retry_after: Duration::ZERO,
+                reset: Duration::ZERO,
+                policy: self.policy,
+            };
+        };
+        let decided = match self.limiter.check_key_n(key, n) {
+            Ok(decided) => decided,
+            Err(_) => {
+                let whole = self.policy.emission * self.policy.quota;
+                return Verdict {
+                    allowed: false,
+                    remaining: 0,
+                    retry_after: whole,
+                    reset: whole,
+                    policy: self.policy,
+                };
+            }
+        };
+        match decided {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
                 Verdict {
@@ -292,6 +334,9 @@ pub struct Limits {
     shared: Option<Arc<dyn RateStore>>,
     redis_timeout: Duration,
     messages: Keyed<String>,
+    media: Keyed<String>,
+    channels: Keyed<String>,
+    deletes: Keyed<String>,
     typing: Keyed<String>,
     connects: Keyed<IpAddr>,
     rest: Keyed<IpAddr>,
@@ -317,6 +362,21 @@ impl Limits {
                 "messages",
                 config.messages_per_minute,
                 config.message_burst,
+            )),
+            media: Keyed::new(Policy::new(
+                "media",
+                kib(config.media_bytes_per_minute),
+                kib(config.media_burst_bytes),
+            )),
+            channels: Keyed::new(Policy::new(
+                "channels",
+                config.channels_per_minute,
+                config.channel_burst,
+            )),
+            deletes: Keyed::new(Policy::new(
+                "deletes",
+                config.deletes_per_minute,
+                config.delete_burst,
             )),
             typing: Keyed::new(Policy::new(
                 "typing",
@@ -370,13 +430,12 @@ impl Limits {
         (until > now).then(|| until - now)
     }
 
-    /// One message of `user`: from the shared budget, or the local one when Redis does
-    /// not answer in time.
-    pub async fn message(&self, user: &str) -> Verdict {
+    /// `cost` units of `key` from `local`'s policy: from the shared budget, or the local
+    /// one when Redis does not answer in time (never unlimited).
+    async fn take(&self, local: &Keyed<String>, key: String, cost: u32) -> Verdict {
+        let policy = local.policy;
         if let Some(shared) = &self.shared {
-            let policy = self.messages.policy;
-            let key = format!("msg:{user}");
-            let take = shared.take(&key, policy.emission, policy.quota);
+            let take = shared.take(&key, policy.emission, policy.quota, cost);
             match tokio::time::timeout(self.redis_timeout, take).await {
                 Ok(Ok(outcome)) => {
                     let span = tracing::Span::current();
@@ -391,15 +450,50 @@ impl Limits {
                     };
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e.0, "shared rate limit unavailable; deciding locally");
+                    tracing::warn!(error = %e.0, limit = policy.name, "shared rate limit unavailable; deciding locally");
                 }
-                Err(_) => tracing::warn!("shared rate limit timed out; deciding locally"),
+                Err(_) => {
+                    tracing::warn!(limit = policy.name, "shared rate limit timed out; deciding locally");
+                }
             }
         }
-        let verdict = self.messages.check(&user.to_string());
+        let verdict = local.check_n(&key, cost);
         let span = tracing::Span::current();
         span.record("allowed", verdict.allowed);
         span.record("decided", "local");
+        verdict
+    }
+
+    /// One message of `user`.
+    pub async fn message(&self, user: &str) -> Verdict {
+        self.take(&self.messages, format!("msg:{user}"), 1).await
+    }
+
+    /// `bytes` of media from `user` (charged in [`MEDIA_UNIT_BYTES`] units, rounded up).
+    pub async fn media(&self, user: &str, bytes: usize) -> Verdict {
+        let units = u32::try_from(bytes.div_ceil(MEDIA_UNIT_BYTES)).unwrap_or(u32::MAX);
+        let verdict = self.take(&self.media, format!("media:{user}"), units).await;
+        if !verdict.allowed {
+            crate::metrics::rate_limited("media");
+        }
+        verdict
+    }
+
+    /// A new channel created by `user` (its first message).
+    pub async fn channel_created(&self, user: &str) -> Verdict {
+        let verdict = self.take(&self.channels, format!("chan:{user}"), 1).await;
+        if !verdict.allowed {
+            crate::metrics::rate_limited("channels");
+        }
+        verdict
+    }
+
+    /// One message delete by `user`.
+    pub async fn delete(&self, user: &str) -> Verdict {
+        let verdict = self.take(&self.deletes, format!("del:{user}"), 1).await;
+        if !verdict.allowed {
+            crate::metrics::rate_limited("deletes");
+        }
         verdict
     }
 
@@ -479,7 +573,13 @@ impl Limits {
 
     /// Keys held by the local keyed limiters (messages, typing, connects, REST).
     pub fn tracked_keys(&self) -> usize {
-        self.messages.len() + self.typing.len() + self.connects.len() + self.rest.len()
+        self.messages.len()
+            + self.media.len()
+            + self.channels.len()
+            + self.deletes.len()
+            + self.typing.len()
+            + self.connects.len()
+            + self.rest.len()
     }
 
     /// Open connections counted under the caps.
@@ -491,6 +591,9 @@ impl Limits {
         let now = Instant::now();
         self.penalties().retain(|_, until| *until > now);
         self.messages.prune();
+        self.media.prune();
+        self.channels.prune();
+        self.deletes.prune();
         self.typing.prune();
         self.connects.prune();
         self.rest.prune();
@@ -612,7 +715,36 @@ mod tests {
             abuse_penalty_secs: 10,
             redis_timeout_ms: 100,
             headers: true,
+            media_bytes_per_minute: 60 * 1024,
+            media_burst_bytes: 10 * 1024,
+            channels_per_minute: 60,
+            channel_burst: 2,
+            deletes_per_minute: 60,
+            delete_burst: 3,
         }
+    }
+
+    #[tokio::test]
+    async fn media_is_charged_by_bytes_and_a_clip_over_the_burst_never_fits() {
+        let limits = Limits::new(&config(), None).unwrap();
+        // The burst is 10 KiB: 4 KiB, 4 KiB, then 4 KiB is over it.
+        assert!(limits.media("ann", 4096).await.allowed);
+        assert!(limits.media("ann", 4000).await.allowed);
+        let refused = limits.media("ann", 4096).await;
+        assert!(!refused.allowed);
+        assert!(refused.retry_after > Duration::ZERO);
+        assert_eq!(refused.policy.name, "media");
+        // Another user has a budget of their own; more than a whole burst never passes.
+        assert!(limits.media("bob", 1).await.allowed);
+        assert!(!limits.media("bob", 11 * 1024).await.allowed);
+        // Channels and deletes are budgets of their own too.
+        assert!(limits.channel_created("ann").await.allowed);
+        assert!(limits.channel_created("ann").await.allowed);
+        assert!(!limits.channel_created("ann").await.allowed);
+        for _ in 0..3 {
+            assert!(limits.delete("ann").await.allowed);
+        }
+        assert!(!limits.delete("ann").await.allowed);
     }
 
     #[test]

@@ -70,8 +70,15 @@ pub struct RateOutcome {
 /// key, decided atomically with the store's own clock.
 #[async_trait]
 pub trait RateStore: Send + Sync + 'static {
-    /// Takes one unit from `key`'s budget of `burst` units refilled one per `emission`.
-    async fn take(&self, key: &str, emission: Duration, burst: u32) -> StoreResult<RateOutcome>;
+    /// Takes `cost` units from `key`'s budget of `burst` units refilled one per `emission`.
+    /// A cost above the burst is never allowed.
+    async fn take(
+        &self,
+        key: &str,
+        emission: Duration,
+        burst: u32,
+        cost: u32,
+    ) -> StoreResult<RateOutcome>;
 }
 
 /// What a delete found.
@@ -159,4 +166,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap reachability check for readiness.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Whether the store is near its memory ceiling (new media is refused then).
+    fn storage_full(&self) -> bool {
+        false
+    }
 }

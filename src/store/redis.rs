@@ -131,15 +131,19 @@ end
 return {0, out}
 ";
 
-/// KEYS: the budget. ARGV: emission interval in ms, burst. GCRA: the key holds the
+/// KEYS: the budget. ARGV: emission interval in ms, burst, cost. GCRA: the key holds the
 /// theoretical arrival time (TAT) in ms of Redis's clock, so replicas with skewed clocks
 /// still share one budget. Returns allowed (0/1), remaining, retry-after ms, reset ms.
 const RATE: &str = r"
 local emission = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local new_tat = tat + emission
+if cost > burst then
+  return {0, 0, emission * burst, tat - now}
+end
+local new_tat = tat + emission * cost
 local allow_at = new_tat - emission * burst
 if now < allow_at then
   return {0, 0, allow_at - now, tat - now}
@@ -754,7 +758,13 @@ impl Store for RedisStore {
 #[async_trait]
 impl RateStore for RedisStore {
     #[tracing::instrument(level = "debug", name = "redis.take", skip_all, fields(db.system = "redis"))]
-    async fn take(&self, key: &str, emission: Duration, burst: u32) -> StoreResult<RateOutcome> {
+    async fn take(
+        &self,
+        key: &str,
+        emission: Duration,
+        burst: u32,
+        cost: u32,
+    ) -> StoreResult<RateOutcome> {
         let timer = Timer::start("take");
         let mut conn = self.conn.clone();
         let emission_ms = u64::try_from(emission.as_millis())
@@ -766,6 +776,7 @@ impl RateStore for RedisStore {
             .key(self.keys.rate(key))
             .arg(emission_ms)
             .arg(burst)
+            .arg(cost)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| timer.failed(e))

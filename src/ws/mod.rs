@@ -1,12 +1,18 @@
 //! WebSocket: the upgrade handler (every check happens before the 101) and the session loop.
 
+pub mod gate;
 pub mod protocol;
 pub mod session;
+pub mod upgrade;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use axum::extract::{Query, RawQuery, State, WebSocketUpgrade};
+use std::time::Duration;
+
+use axum::extract::{Query, RawQuery, State};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use tracing::Instrument;
@@ -17,6 +23,7 @@ use crate::error::{ApiError, AppResult};
 use crate::http::caller::{ClaimedUser, claimed_user};
 use crate::http::client_ip::ClientIp;
 use crate::state::AppState;
+use gate::Gate;
 
 /// `GET /ws/chat?channel=[&username=]`: checks the Origin, authenticates, validates and
 /// joins the channel (bus subscription and presence confirmed), then upgrades. Any
@@ -28,7 +35,7 @@ pub async fn connect_chat(
     client_ip: Option<axum::Extension<ClientIp>>,
     RawQuery(raw_query): RawQuery,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
-    ws: WebSocketUpgrade,
+    ws: upgrade::Upgrade,
 ) -> AppResult<Response> {
     if state.shutdown.is_cancelled() {
         return Err(ApiError::ShuttingDown);
@@ -136,17 +143,30 @@ pub async fn connect_chat(
     }
     // Follows from the upgrade request (whose trace the client may have started).
     session_span.follows_from(tracing::Span::current());
-    // Only chatgate.v1 can be selected: the token entry is never echoed back.
-    Ok(ws
-        .protocols([SUBPROTOCOL])
+    // Reads go through the payload gate; the library's own caps stay as the hard limit.
+    let config = WebSocketConfig::default()
         .read_buffer_size(ws_config.read_buffer_bytes)
         .write_buffer_size(ws_config.write_buffer_bytes)
         .max_write_buffer_size(ws_config.max_write_buffer_bytes)
-        .max_message_size(ws_config.max_message_bytes)
-        .max_frame_size(ws_config.max_message_bytes)
-        .on_upgrade(move |socket| {
+        .max_message_size(Some(ws_config.max_message_bytes))
+        .max_frame_size(Some(ws_config.max_message_bytes));
+    let payloads = state.payloads.clone();
+    let max_message = ws_config.max_message_bytes;
+    let message_timeout = Duration::from_secs(state.config.memory.large_message_timeout_secs);
+    let sessions = state.sessions.clone();
+    // Only chatgate.v1 can be selected: the token entry is never echoed back.
+    Ok(ws.respond(
+        &[SUBPROTOCOL],
+        |task| {
+            sessions.spawn(task);
+        },
+        move |io| {
             let open = crate::metrics::OpenConnection::opened();
             async move {
+                let (io, gate) = Gate::new(io, payloads, max_message, message_timeout);
+                let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                let mut settings = settings;
+                settings.gate = gate;
                 let reason =
                     session::run(socket, connection, settings, shutdown, expires_in, since)
                         .instrument(session_span)
@@ -154,7 +174,8 @@ pub async fn connect_chat(
                 open.closed(reason);
                 drop((alive, permit));
             }
-        }))
+        },
+    ))
 }
 
 /// The connection's user: the token's (a `username` parameter naming anyone else is

@@ -7,66 +7,175 @@
 //!   are used (the original ignored `channel` too, but trusted `sender`).
 //! - `message_type` defaults to `text`; `content` must be a string.
 //! - `client_id` (optional, at most [`MAX_CLIENT_ID_BYTES`]) is copied into the echo.
+//!
+//! Parsing is typed and borrows from the frame's text: fields that are not read (a
+//! `sender`, a `pad` of ten million `{}`) are skipped without allocating, so what a frame
+//! costs is its own bytes, never a tree built from them. Each kind has its size cap: only
+//! `image` and `audio` messages may be larger than [`FrameCaps::small`] (see
+//! docs/protocol.md, "What a frame may weigh").
 
-use serde_json::Value;
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 
 use crate::chat::model::ValidationError;
 
 /// Longest `client_id` accepted, in bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
 
-/// A parsed client frame.
+/// A parsed client frame; its strings borrow from the frame's text where they can.
 #[derive(Debug, PartialEq, Eq)]
-pub enum ClientFrame {
+pub enum ClientFrame<'a> {
     Message {
-        content: String,
-        message_type: String,
-        client_id: Option<String>,
+        content: Cow<'a, str>,
+        message_type: Cow<'a, str>,
+        client_id: Option<Cow<'a, str>>,
     },
     TypingStart,
     TypingStop,
+}
+
+/// Size caps by kind, in bytes of the frame's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameCaps {
+    /// Every frame but an image or audio message: control frames, typing, text messages.
+    pub small: usize,
+}
+
+/// One field of a frame, as sent: absent, `null`, a string, or anything else (skipped
+/// without allocating).
+#[derive(Debug, Default)]
+enum Field<'a> {
+    #[default]
+    Absent,
+    Null,
+    Str(Cow<'a, str>),
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+        impl<'de: 'a, 'a> Visitor<'de> for FieldVisitor<'a> {
+            type Value = Field<'a>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Field::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Field::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Field::Str(Cow::Owned(v)))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Field::Null)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Field::Null)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Field::Other)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Field::Other)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Field::Other)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Field::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+        }
+
+        deserializer.deserialize_any(FieldVisitor(std::marker::PhantomData))
+    }
+}
+
+/// The frame as sent. Fields not named here are skipped (`IgnoredAny`).
+#[derive(Debug, Deserialize)]
+struct Wire<'a> {
+    #[serde(rename = "type", default, borrow)]
+    kind: Field<'a>,
+    #[serde(default, borrow)]
+    content: Field<'a>,
+    #[serde(default, borrow)]
+    message_type: Field<'a>,
+    #[serde(default, borrow)]
+    client_id: Field<'a>,
 }
 
 fn invalid(code: &'static str, detail: impl Into<String>) -> ValidationError {
     ValidationError::new(code, detail)
 }
 
-fn take_string(
-    object: &mut serde_json::Map<String, Value>,
-    field: &str,
-) -> Result<Option<String>, ValidationError> {
-    match object.remove(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(invalid(
-            "invalid_frame",
-            format!("{field} must be a string"),
-        )),
+/// An optional string field: absent and `null` are `None`.
+fn optional<'a>(field: Field<'a>, name: &str) -> Result<Option<Cow<'a, str>>, ValidationError> {
+    match field {
+        Field::Absent | Field::Null => Ok(None),
+        Field::Str(s) => Ok(Some(s)),
+        Field::Other => Err(invalid("invalid_frame", format!("{name} must be a string"))),
     }
 }
 
-impl ClientFrame {
+/// Whether a message of this `message_type` may be larger than the small cap.
+pub fn is_media_type(message_type: &str) -> bool {
+    matches!(message_type, "image" | "audio")
+}
+
+impl<'a> ClientFrame<'a> {
+    /// Parses a frame and applies its kind's size cap.
+    ///
     /// # Errors
-    /// `invalid_json` (not JSON), `invalid_frame` (not an object, or a field of the wrong
-    /// type) or `unknown_type`.
-    pub fn parse(text: &str) -> Result<Self, ValidationError> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| invalid("invalid_json", format!("frame is not valid JSON: {e}")))?;
-        let Value::Object(mut object) = value else {
-            return Err(invalid("invalid_frame", "frame must be a JSON object"));
+    /// `invalid_json` (not JSON), `invalid_frame` (not an object, a duplicated field, or a
+    /// field of the wrong type), `unknown_type`, or `frame_too_large` (a frame other than
+    /// an image or audio message over `caps.small` bytes).
+    pub fn parse(text: &'a str, caps: FrameCaps) -> Result<Self, ValidationError> {
+        if !text.trim_start().starts_with('{') {
+            // Valid JSON that is not an object is a frame error; anything else is not JSON.
+            // Either way nothing is built: `IgnoredAny` only checks the syntax.
+            return Err(match serde_json::from_str::<IgnoredAny>(text) {
+                Ok(_) => invalid("invalid_frame", "frame must be a JSON object"),
+                Err(e) => invalid("invalid_json", format!("frame is not valid JSON: {e}")),
+            });
+        }
+        let wire: Wire<'a> = serde_json::from_str(text).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => {
+                invalid("invalid_frame", format!("invalid frame: {e}"))
+            }
+            _ => invalid("invalid_json", format!("frame is not valid JSON: {e}")),
+        })?;
+        let kind = match wire.kind {
+            Field::Absent => Cow::Borrowed("message"),
+            Field::Str(kind) => kind,
+            Field::Null | Field::Other => {
+                return Err(invalid("unknown_type", "type must be a string"));
+            }
         };
-        let kind = match object.remove("type") {
-            None => "message".to_string(),
-            Some(Value::String(kind)) => kind,
-            Some(_) => return Err(invalid("unknown_type", "type must be a string")),
-        };
-        match kind.as_str() {
+        let frame = match kind.as_ref() {
             "message" => {
-                let content = take_string(&mut object, "content")?
+                let content = optional(wire.content, "content")?
                     .ok_or_else(|| invalid("invalid_frame", "content is required"))?;
                 let message_type =
-                    take_string(&mut object, "message_type")?.unwrap_or_else(|| "text".into());
-                let client_id = take_string(&mut object, "client_id")?;
+                    optional(wire.message_type, "message_type")?.unwrap_or(Cow::Borrowed("text"));
+                let client_id = optional(wire.client_id, "client_id")?;
                 if client_id
                     .as_ref()
                     .is_some_and(|id| id.len() > MAX_CLIENT_ID_BYTES)
@@ -76,22 +185,40 @@ impl ClientFrame {
                         format!("client_id must be at most {MAX_CLIENT_ID_BYTES} bytes"),
                     ));
                 }
-                Ok(Self::Message {
+                Self::Message {
                     content,
                     message_type,
                     client_id,
-                })
+                }
             }
-            "typing_start" => Ok(Self::TypingStart),
-            "typing_stop" => Ok(Self::TypingStop),
-            other => Err(invalid(
-                "unknown_type",
+            "typing_start" => Self::TypingStart,
+            "typing_stop" => Self::TypingStop,
+            other => {
+                return Err(invalid(
+                    "unknown_type",
+                    format!(
+                        "unknown frame type {:?}; expected message, typing_start or typing_stop",
+                        other.chars().take(40).collect::<String>()
+                    ),
+                ));
+            }
+        };
+        if text.len() > caps.small && !frame.may_be_large() {
+            return Err(invalid(
+                "frame_too_large",
                 format!(
-                    "unknown frame type {:?}; expected message, typing_start or typing_stop",
-                    other.chars().take(40).collect::<String>()
+                    "this frame is {} bytes; only image and audio messages may exceed {} bytes",
+                    text.len(),
+                    caps.small
                 ),
-            )),
+            ));
         }
+        Ok(frame)
+    }
+
+    /// Image and audio messages are the only frames that may exceed the small cap.
+    fn may_be_large(&self) -> bool {
+        matches!(self, Self::Message { message_type, .. } if is_media_type(message_type))
     }
 }
 
@@ -99,38 +226,44 @@ impl ClientFrame {
 mod tests {
     use super::*;
 
+    const CAPS: FrameCaps = FrameCaps { small: 1024 };
+
+    fn parse(text: &str) -> Result<ClientFrame<'_>, ValidationError> {
+        ClientFrame::parse(text, CAPS)
+    }
+
     fn code(text: &str) -> &'static str {
-        ClientFrame::parse(text).unwrap_err().code
+        parse(text).unwrap_err().code
+    }
+
+    fn message<'a>(content: &'a str, message_type: &'a str, client_id: Option<&'a str>) -> ClientFrame<'a> {
+        ClientFrame::Message {
+            content: content.into(),
+            message_type: message_type.into(),
+            client_id: client_id.map(Cow::Borrowed),
+        }
     }
 
     #[test]
     fn the_originals_frames_parse() {
         assert_eq!(
-            ClientFrame::parse(
+            parse(
                 r#"{"type":"message","sender":"x","content":"hi","channel":"other","message_type":"text"}"#
             )
             .unwrap(),
-            ClientFrame::Message {
-                content: "hi".into(),
-                message_type: "text".into(),
-                client_id: None
-            }
+            message("hi", "text", None)
         );
         // No type: a message; no message_type: text.
         assert_eq!(
-            ClientFrame::parse(r#"{"content":"hi","client_id":"c1"}"#).unwrap(),
-            ClientFrame::Message {
-                content: "hi".into(),
-                message_type: "text".into(),
-                client_id: Some("c1".into())
-            }
+            parse(r#"{"content":"hi","client_id":"c1"}"#).unwrap(),
+            message("hi", "text", Some("c1"))
         );
         assert_eq!(
-            ClientFrame::parse(r#"{"type":"typing_start","sender":"x"}"#).unwrap(),
+            parse(r#"{"type":"typing_start","sender":"x"}"#).unwrap(),
             ClientFrame::TypingStart
         );
         assert_eq!(
-            ClientFrame::parse(r#"{"type":"typing_stop"}"#).unwrap(),
+            parse(r#"{"type":"typing_stop"}"#).unwrap(),
             ClientFrame::TypingStop
         );
     }
@@ -149,6 +282,55 @@ mod tests {
         assert_eq!(code(&long), "invalid_frame");
     }
 
+    /// The inputs of the review that found the parser amplifying memory: each is refused by
+    /// its kind's cap, and a padded frame under the cap parses without building its padding.
+    #[test]
+    fn padded_frames_are_capped_by_kind() {
+        let pad = |n: usize| vec!["{}"; n].join(",");
+        let typing = format!(r#"{{"type":"typing_start","pad":[{}]}}"#, pad(2000));
+        assert!(typing.len() > CAPS.small);
+        assert_eq!(code(&typing), "frame_too_large");
+        let text = format!(r#"{{"content":"x","pad":[{}]}}"#, pad(2000));
+        assert_eq!(code(&text), "frame_too_large");
+        let stop = format!(r#"{{"pad":[{}],"type":"typing_stop"}}"#, pad(2000));
+        assert_eq!(code(&stop), "frame_too_large");
+        // Media may be large, whatever else the frame carries.
+        let media = format!(
+            r#"{{"type":"message","content":"data:x","message_type":"audio","pad":[{}]}}"#,
+            pad(2000)
+        );
+        assert_eq!(parse(&media).unwrap(), message("data:x", "audio", None));
+        // Under the cap, padding is skipped.
+        let small = format!(r#"{{"type":"typing_start","pad":[{}]}}"#, pad(100));
+        assert_eq!(parse(&small).unwrap(), ClientFrame::TypingStart);
+        // Deep nesting in a skipped field is skipped too, without building anything.
+        let deep = format!(r#"{{"content":"x","pad":{}{}}}"#, "[".repeat(400), "]".repeat(400));
+        assert_eq!(parse(&deep).unwrap(), message("x", "text", None));
+    }
+
+    #[test]
+    fn strings_borrow_from_the_frame_unless_escaped() {
+        let frame = parse(r#"{"content":"plain","client_id":"c\u0031"}"#).unwrap();
+        let ClientFrame::Message { content, client_id, .. } = frame else {
+            panic!("a message");
+        };
+        assert!(matches!(content, Cow::Borrowed("plain")));
+        assert_eq!(client_id.as_deref(), Some("c1"));
+    }
+
+    #[test]
+    fn duplicated_and_mistyped_fields_are_frame_errors() {
+        assert_eq!(code(r#"{"content":"a","content":"b"}"#), "invalid_frame");
+        assert_eq!(code(r#"{"content":"a","message_type":7}"#), "invalid_frame");
+        assert_eq!(code(r#"{"content":"a","client_id":{}}"#), "invalid_frame");
+        assert_eq!(code(r#"{"content":"a""#), "invalid_json");
+        // Whitespace around the object is JSON too.
+        assert_eq!(
+            parse(" \n{\"type\":\"typing_stop\"} ").unwrap(),
+            ClientFrame::TypingStop
+        );
+    }
+
     /// Property tests: the parser is total (never panics) and what it accepts is what the
     /// frame said, with `client_id` within its cap.
     mod properties {
@@ -156,7 +338,12 @@ mod tests {
         use proptest::test_runner::{Config, RngSeed};
         use serde_json::{Map, Value};
 
-        use crate::ws::protocol::{ClientFrame, MAX_CLIENT_ID_BYTES};
+        use std::borrow::Cow;
+
+        use crate::ws::protocol::{ClientFrame, FrameCaps, MAX_CLIENT_ID_BYTES};
+
+        /// Large enough for every generated frame: the size cap has tests of its own.
+        const CAPS: FrameCaps = FrameCaps { small: 1 << 20 };
 
         /// A fixed seed keeps runs reproducible; no regression files in the tree.
         fn config() -> Config {
@@ -257,8 +444,11 @@ mod tests {
 
             #[test]
             fn arbitrary_text_never_panics(text in any::<String>()) {
-                if let Err(error) = ClientFrame::parse(&text) {
-                    prop_assert!(matches!(error.code, "invalid_json" | "invalid_frame" | "unknown_type"));
+                if let Err(error) = ClientFrame::parse(&text, FrameCaps { small: 64 }) {
+                    prop_assert!(matches!(
+                        error.code,
+                        "invalid_json" | "invalid_frame" | "unknown_type" | "frame_too_large"
+                    ));
                 }
             }
 
@@ -280,9 +470,9 @@ mod tests {
                                 if client_id.as_ref().is_none_or(|id| id.len() <= MAX_CLIENT_ID_BYTES) =>
                             {
                                 Ok(ClientFrame::Message {
-                                    content,
-                                    message_type: message_type.unwrap_or_else(|| "text".into()),
-                                    client_id,
+                                    content: Cow::Owned(content),
+                                    message_type: Cow::Owned(message_type.unwrap_or_else(|| "text".into())),
+                                    client_id: client_id.map(Cow::Owned),
                                 })
                             }
                             _ => Err("invalid_frame"),
@@ -292,7 +482,7 @@ mod tests {
                     Some("typing_stop") => Ok(ClientFrame::TypingStop),
                     _ => Err("unknown_type"),
                 };
-                let parsed = ClientFrame::parse(&text).map_err(|error| error.code);
+                let parsed = ClientFrame::parse(&text, CAPS).map_err(|error| error.code);
                 if let Ok(ClientFrame::Message { client_id: Some(id), .. }) = &parsed {
                     prop_assert!(id.len() <= MAX_CLIENT_ID_BYTES);
                 }

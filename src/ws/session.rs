@@ -10,18 +10,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Error;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error, Message, Utf8Bytes};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::protocol::ClientFrame;
+use super::gate::{GateHandle, GateRefusal};
+use super::protocol::{ClientFrame, FrameCaps};
 use crate::chat::event::ServerFrame;
 use crate::chat::model::MessageId;
-use crate::chat::{ChatError, Connection, Draft};
+use crate::chat::{ChatError, Connection};
 use crate::limits::Limits;
+use crate::limits::payload::{PayloadBudget, PayloadPermit};
 
 /// Close codes sent by the server (documented in docs/protocol.md).
 pub mod close_code {
@@ -63,6 +65,14 @@ pub struct SessionSettings {
     /// The session's client address (set per session), penalized when the session is
     /// closed for refused frames.
     pub client_ip: Option<std::net::IpAddr>,
+    /// The process's budget of large payloads: large frames hold it while they are
+    /// written.
+    pub payloads: Arc<PayloadBudget>,
+    /// Size caps by frame kind.
+    pub caps: FrameCaps,
+    /// The session's read gate (set per session): the permits of large inbound messages,
+    /// and why reading stopped when the gate stopped it.
+    pub gate: GateHandle,
 }
 
 enum Step {
@@ -167,11 +177,15 @@ where
             },
             inbound = stream.next() => {
                 last_heard = Instant::now();
+                // A large message's budget permits: held until it is handled.
+                let permit = settings.gate.take_permit();
                 match inbound {
                     None => Step::Stop("client_closed"),
-                    Some(Ok(message)) => handle(&mut sink, &mut conn, message, &settings, &mut refused).await,
+                    Some(Ok(message)) => handle(&mut sink, &mut conn, message, permit, &settings, &mut refused).await,
                     Some(Err(e)) => {
-                        if is_too_big(e) {
+                        if let Some(why) = settings.gate.refusal() {
+                            refused_by_gate(&mut sink, why, &settings).await
+                        } else if is_too_big(&e) {
                             close(&mut sink, close_code::TOO_BIG, "message too big", &settings).await;
                             Step::Stop("too_big")
                         } else {
@@ -197,18 +211,46 @@ where
     reason
 }
 
-fn is_too_big(error: Error) -> bool {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    error
-        .into_inner()
-        .downcast::<WsError>()
-        .is_ok_and(|e| matches!(*e, WsError::Capacity(_)))
+fn is_too_big(error: &Error) -> bool {
+    matches!(error, Error::Capacity(_))
+}
+
+/// The read gate stopped reading: say why, then close with 1013 (the message in progress
+/// is lost; the client sends it again later).
+async fn refused_by_gate<S>(sink: &mut S, why: GateRefusal, settings: &SessionSettings) -> Step
+where
+    S: Sink<Message, Error = Error> + Unpin,
+{
+    let (frame, reason, stop) = match why {
+        GateRefusal::Busy(retry_after) => (
+            ServerFrame::Error {
+                code: "server_busy",
+                detail: "too many large messages in flight on this server: send it again after retry_after_ms".into(),
+                retry_after_ms: Some(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)),
+                client_id: None,
+            },
+            "server busy",
+            "server_busy",
+        ),
+        GateRefusal::TooSlow => (
+            ServerFrame::error(
+                "message_too_slow",
+                "a large message took too long to arrive",
+            ),
+            "message too slow",
+            "message_too_slow",
+        ),
+    };
+    let _ = send_frame(sink, &frame, settings).await;
+    close(sink, close_code::TRY_AGAIN_LATER, reason, settings).await;
+    Step::Stop(stop)
 }
 
 async fn handle<S>(
     sink: &mut S,
     conn: &mut Connection,
     message: Message,
+    permit: PayloadPermit,
     settings: &SessionSettings,
     refused: &mut u32,
 ) -> Step
@@ -225,90 +267,136 @@ where
             return refuse(sink, frame, Refusal::Invalid, settings, refused).await;
         }
         // Pongs only prove liveness; pings are answered by the protocol layer.
-        Message::Ping(_) | Message::Pong(_) => return Step::Continue,
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
         Message::Close(_) => {
             // The protocol layer queued the close reply; write it before leaving.
             let _ = timeout(settings.write_timeout, sink.close()).await;
             return Step::Stop("client_closed");
         }
     };
-    let frame = match ClientFrame::parse(text.as_str()) {
-        Ok(frame) => frame,
+    let (content, message_type, client_id) = match ClientFrame::parse(text.as_str(), settings.caps)
+    {
+        Ok(ClientFrame::Message {
+            content,
+            message_type,
+            client_id,
+        }) => (
+            content.into_owned(),
+            message_type.into_owned(),
+            client_id.map(std::borrow::Cow::into_owned),
+        ),
+        Ok(typing @ (ClientFrame::TypingStart | ClientFrame::TypingStop)) => {
+            let on = matches!(typing, ClientFrame::TypingStart);
+            return typing_frame(sink, conn, on, settings, refused).await;
+        }
         Err(e) => {
+            crate::metrics::message_refused(e.code);
             let frame = ServerFrame::error(e.code, e.detail);
             return refuse(sink, frame, Refusal::Invalid, settings, refused).await;
         }
     };
-    let (result, client_id) = match frame {
-        ClientFrame::Message {
-            content,
-            message_type,
-            client_id,
-        } => {
-            // Each message is a trace of its own (a session lives too long to be one).
-            let span = tracing::debug_span!(
-                parent: None,
-                "chat.send",
-                transport = "ws",
-                channel = %conn.channel,
-                message_type = tracing::field::Empty,
-                content_bytes = content.len(),
-                outcome = tracing::field::Empty,
-            );
-            let sent = send_message(
-                sink,
-                conn,
-                content,
-                message_type,
-                client_id,
-                settings,
-                refused,
-            )
-            .instrument(span.clone())
-            .await;
-            match sent {
-                Ok((result, client_id)) => {
-                    span.record("outcome", if result.is_ok() { "sent" } else { "failed" });
-                    if result.is_ok() {
-                        crate::metrics::message_received("ws");
-                    } else {
-                        crate::metrics::message_refused("store_unavailable");
-                    }
-                    (result, client_id)
-                }
-                Err(step) => return step,
-            }
+    // The frame's own bytes are not needed any more; only its permits stay until the
+    // message is stored (they cover the copies made on the way).
+    drop(text);
+    // Each message is a trace of its own (a session lives too long to be one).
+    let span = tracing::debug_span!(
+        parent: None,
+        "chat.send",
+        transport = "ws",
+        channel = %conn.channel,
+        message_type = tracing::field::Empty,
+        content_bytes = content.len(),
+        outcome = tracing::field::Empty,
+    );
+    let result = conn
+        .post(content, &message_type, client_id.as_deref())
+        .instrument(span)
+        .await;
+    drop(permit);
+    let error = match result {
+        Ok(_) => {
+            crate::metrics::message_received("ws");
+            *refused = 0;
+            return Step::Continue;
         }
-        typing @ (ClientFrame::TypingStart | ClientFrame::TypingStop) => {
-            if settings
-                .limits
-                .as_ref()
-                .is_some_and(|limits| !limits.typing(conn.username.as_str()))
-            {
-                // Beyond the typing limit events are dropped silently.
-                crate::metrics::rate_limited("typing");
-                return Step::Continue;
-            }
-            let on = matches!(typing, ClientFrame::TypingStart);
-            (conn.typing(on).await, None)
-        }
+        Err(e) => e,
     };
-    let frame = match result {
-        Ok(()) => return Step::Continue,
-        Err(ChatError::Invalid(e)) => ServerFrame::error(e.code, e.detail),
-        Err(ChatError::NotFound(what)) => ServerFrame::error("not_found", what),
-        Err(e @ ChatError::NotOwner) => ServerFrame::error("not_owner", e.to_string()),
-        Err(ChatError::Unavailable(cause)) => {
+    let why = match &error {
+        ChatError::Limited(_) => Some(Refusal::RateLimited),
+        ChatError::Invalid(_) => Some(Refusal::Invalid),
+        _ => None,
+    };
+    let frame = error_frame(conn, error).for_client(client_id);
+    match why {
+        Some(why) => refuse(sink, frame, why, settings, refused).await,
+        None => send_frame(sink, &frame, settings).await,
+    }
+}
+
+/// A typing frame: over the typing rate it is dropped (no frame: typing is best-effort)
+/// but counts as refused, so a client flooding typing is closed like any other flood.
+async fn typing_frame<S>(
+    sink: &mut S,
+    conn: &mut Connection,
+    on: bool,
+    settings: &SessionSettings,
+    refused: &mut u32,
+) -> Step
+where
+    S: Sink<Message, Error = Error> + Unpin,
+{
+    if let Some(limits) = &settings.limits
+        && !limits.typing(conn.username.as_str())
+    {
+        crate::metrics::rate_limited("typing");
+        return match count_refusal(sink, Refusal::RateLimited, settings, refused).await {
+            Some(step) => step,
+            None => Step::Continue,
+        };
+    }
+    *refused = 0;
+    match conn.typing(on).await {
+        Ok(()) => Step::Continue,
+        Err(e) => send_frame(sink, &error_frame(conn, e), settings).await,
+    }
+}
+
+/// The error frame for a failed chat operation.
+fn error_frame(conn: &Connection, error: ChatError) -> ServerFrame {
+    let code = error.code();
+    match error {
+        ChatError::Invalid(e) => ServerFrame::error(e.code, e.detail),
+        ChatError::NotFound(what) => ServerFrame::error(code, what),
+        e @ (ChatError::NotOwner | ChatError::StorageFull) => ServerFrame::error(code, e.to_string()),
+        ChatError::Limited(verdict) => ServerFrame::Error {
+            code,
+            detail: match code {
+                "media_quota_exceeded" => {
+                    "media quota exceeded: wait retry_after_ms before sending more images or audio"
+                }
+                "channel_quota_exceeded" => {
+                    "too many new channels: wait retry_after_ms before starting another"
+                }
+                _ => "too many messages: wait retry_after_ms before sending again",
+            }
+            .into(),
+            retry_after_ms: Some(
+                u64::try_from(verdict.retry_after.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            ),
+            client_id: None,
+        },
+        ChatError::Unavailable(cause) => {
             tracing::warn!(channel = %conn.channel, error = %cause, "frame failed: store unavailable");
             ServerFrame::Error {
-                code: "store_unavailable",
+                code,
                 detail: "chat store unavailable; not sent, try again".into(),
                 retry_after_ms: Some(1000),
                 client_id: None,
             }
         }
-    };
-    send_frame(sink, &frame.for_client(client_id), settings).await
+    }
 }
 
 /// Sends the channel's messages newer than `since`, then a `resumed` frame saying
@@ -343,61 +431,6 @@ where
     send_frame(sink, &done, settings).await
 }
 
-/// A message frame: the sender's budget, then the content, then the store. `Err` when the
-/// frame was already answered (refused), with what the session does next.
-async fn send_message<S>(
-    sink: &mut S,
-    conn: &mut Connection,
-    content: String,
-    message_type: String,
-    client_id: Option<String>,
-    settings: &SessionSettings,
-    refused: &mut u32,
-) -> Result<(Result<(), ChatError>, Option<String>), Step>
-where
-    S: Sink<Message, Error = Error> + Unpin,
-{
-    // The budget first: every attempt costs one, so invalid content (which can be
-    // expensive to check, like a large data URL) is paced like valid content.
-    if let Some(limits) = &settings.limits {
-        let verdict = limits.message_attempt(conn.username.as_str()).await;
-        if !verdict.allowed {
-            let frame = ServerFrame::Error {
-                code: "rate_limited",
-                detail: "too many messages: wait retry_after_ms before sending again".into(),
-                retry_after_ms: Some(
-                    u64::try_from(verdict.retry_after.as_millis())
-                        .unwrap_or(u64::MAX)
-                        .max(1),
-                ),
-                client_id: None,
-            };
-            let frame = frame.for_client(client_id);
-            return Err(refuse(sink, frame, Refusal::RateLimited, settings, refused).await);
-        }
-    }
-    let draft = tracing::debug_span!("chat.validate")
-        .in_scope(|| Draft::parse(content, &message_type, conn.limits()));
-    let draft = match draft {
-        Ok(draft) => {
-            // Only the validated type: the raw field is client input of any size.
-            tracing::Span::current().record("message_type", draft.message_type());
-            draft
-        }
-        Err(e) => {
-            crate::metrics::message_refused(e.code);
-            tracing::Span::current().record("outcome", e.code);
-            let frame = ServerFrame::error(e.code, e.detail).for_client(client_id);
-            return Err(refuse(sink, frame, Refusal::Invalid, settings, refused).await);
-        }
-    };
-    *refused = 0;
-    Ok((
-        conn.send(draft, client_id.as_deref()).await.map(drop),
-        client_id,
-    ))
-}
-
 /// Why a frame was refused, for the close reason when refusals pile up.
 enum Refusal {
     RateLimited,
@@ -416,22 +449,38 @@ async fn refuse<S>(
 where
     S: Sink<Message, Error = Error> + Unpin,
 {
-    if let Some(limits) = &settings.limits {
-        *refused += 1;
-        if *refused >= limits.refusals_before_close {
-            let reason = match why {
-                Refusal::RateLimited => close_code::RATE_LIMIT_REASON,
-                Refusal::Invalid => close_code::INVALID_FRAMES_REASON,
-            };
-            // Before the close frame, so a reconnect right after it is already refused.
-            if let Some(ip) = settings.client_ip {
-                limits.penalize(ip);
-            }
-            close(sink, close_code::POLICY, reason, settings).await;
-            return Step::Stop("policy");
-        }
+    match count_refusal(sink, why, settings, refused).await {
+        Some(step) => step,
+        None => send_frame(sink, &frame, settings).await,
     }
-    send_frame(sink, &frame, settings).await
+}
+
+/// Counts one refused frame; `Some` when that closed the socket (with 1008, after the
+/// client address was penalized).
+async fn count_refusal<S>(
+    sink: &mut S,
+    why: Refusal,
+    settings: &SessionSettings,
+    refused: &mut u32,
+) -> Option<Step>
+where
+    S: Sink<Message, Error = Error> + Unpin,
+{
+    let limits = settings.limits.as_ref()?;
+    *refused += 1;
+    if *refused < limits.refusals_before_close {
+        return None;
+    }
+    let reason = match why {
+        Refusal::RateLimited => close_code::RATE_LIMIT_REASON,
+        Refusal::Invalid => close_code::INVALID_FRAMES_REASON,
+    };
+    // Before the close frame, so a reconnect right after it is already refused.
+    if let Some(ip) = settings.client_ip {
+        limits.penalize(ip);
+    }
+    close(sink, close_code::POLICY, reason, settings).await;
+    Some(Step::Stop("policy"))
 }
 
 /// Writes `first` and whatever else is queued (up to [`WRITE_BATCH`] frames), then
@@ -446,10 +495,10 @@ where
     S: Sink<Message, Error = Error> + Unpin,
 {
     let write = async {
-        sink.feed(text_message(first)).await?;
+        feed_frame(sink, first, settings).await?;
         for _ in 1..WRITE_BATCH {
             match conn.outbound.try_recv() {
-                Some(frame) => sink.feed(text_message(frame)).await?,
+                Some(frame) => feed_frame(sink, frame, settings).await?,
                 None => break,
             }
         }
@@ -459,6 +508,26 @@ where
         Ok(Ok(())) => Step::Continue,
         _ => Step::Stop("error"),
     }
+}
+
+/// Queues one frame for writing. A large one holds the payload budget while it sits in
+/// the write buffer (the library copies each frame there, once per connection), so a big
+/// image fanned out to many members cannot hold more than the budget at once; it leaves
+/// in a write of its own.
+async fn feed_frame<S>(sink: &mut S, frame: bytes::Bytes, settings: &SessionSettings) -> Result<(), Error>
+where
+    S: Sink<Message, Error = Error> + Unpin,
+{
+    if frame.len() <= settings.payloads.small() {
+        return sink.feed(text_message(frame)).await;
+    }
+    sink.flush().await?;
+    // Bounded by the caller's write timeout.
+    let permit = settings.payloads.acquire_queued(frame.len()).await;
+    sink.feed(text_message(frame)).await?;
+    let flushed = sink.flush().await;
+    drop(permit);
+    flushed
 }
 
 fn text_message(frame: bytes::Bytes) -> Message {
@@ -493,7 +562,7 @@ where
     S: Sink<Message, Error = Error> + Unpin,
 {
     let frame = CloseFrame {
-        code,
+        code: code.into(),
         reason: Utf8Bytes::from_static(reason),
     };
     let _ = timeout(
