@@ -17,12 +17,12 @@ use crate::chat::{ChatLimits, ChatService};
 use crate::config::Config;
 use crate::limits::Limits;
 use crate::limits::payload::PayloadBudget;
-use crate::ws::gate::GateHandle;
-use crate::ws::protocol::FrameCaps;
 use crate::state::{AppState, Inner};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{Keys, RedisStore, WaitReplicas};
 use crate::store::{RateStore, Store, StoreSettings};
+use crate::ws::gate::GateHandle;
+use crate::ws::protocol::FrameCaps;
 use crate::ws::session::SessionSettings;
 
 /// Pending connections the kernel may queue before `accept` (capped by

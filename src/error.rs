@@ -187,10 +187,9 @@ impl IntoResponse for ApiError {
                         "Media quota exceeded (bytes of images and audio per user): retry in {} s",
                         v.retry_after_secs()
                     ),
-                    "channels" => format!(
-                        "Too many new channels: retry in {} s",
-                        v.retry_after_secs()
-                    ),
+                    "channels" => {
+                        format!("Too many new channels: retry in {} s", v.retry_after_secs())
+                    }
                     name => format!(
                         "Too many requests ({name} limit): retry in {} s",
                         v.retry_after_secs()

@@ -13,10 +13,10 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::chat::model::{ChannelName, DEFAULT_CHANNEL, MessageId};
-use crate::http::body::Budgeted;
-use crate::http::client_ip::ClientIp;
 use crate::error::{ApiError, AppResult};
+use crate::http::body::Budgeted;
 use crate::http::caller::Caller;
+use crate::http::client_ip::ClientIp;
 use crate::limits::RateHeaders;
 use crate::state::AppState;
 

@@ -453,7 +453,10 @@ impl Limits {
                     tracing::warn!(error = %e.0, limit = policy.name, "shared rate limit unavailable; deciding locally");
                 }
                 Err(_) => {
-                    tracing::warn!(limit = policy.name, "shared rate limit timed out; deciding locally");
+                    tracing::warn!(
+                        limit = policy.name,
+                        "shared rate limit timed out; deciding locally"
+                    );
                 }
             }
         }

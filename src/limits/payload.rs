@@ -86,7 +86,8 @@ impl PayloadBudget {
 
     /// Bytes currently held by large payloads.
     pub fn in_use(&self) -> usize {
-        self.total.saturating_sub(self.semaphore.available_permits())
+        self.total
+            .saturating_sub(self.semaphore.available_permits())
     }
 
     /// What to tell a refused client: the budget turns over within about one wait.

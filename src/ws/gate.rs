@@ -53,7 +53,9 @@ pub struct GateHandle(Arc<Mutex<Shared>>);
 
 impl GateHandle {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The permits of the messages received so far; call after each inbound message and
@@ -94,7 +96,10 @@ fn parse_header(bytes: &[u8]) -> Option<Header> {
     let &b1 = rest.first()?;
     let masked = b1 & 0x80 != 0;
     let (ext, payload) = match b1 & 0x7F {
-        126 => (2, u64::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]))),
+        126 => (
+            2,
+            u64::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?])),
+        ),
         127 => {
             let raw: [u8; 8] = bytes.get(2..10)?.try_into().ok()?;
             (8, u64::from_be_bytes(raw))
@@ -182,7 +187,9 @@ impl<IO> Gate<IO> {
             // The library refuses this frame from its header, before allocating.
             return 0;
         }
-        let needed = self.budget.units(usize::try_from(total).unwrap_or(usize::MAX));
+        let needed = self
+            .budget
+            .units(usize::try_from(total).unwrap_or(usize::MAX));
         needed.saturating_sub(u32::try_from(self.current.bytes()).unwrap_or(u32::MAX))
     }
 
@@ -234,12 +241,16 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Gate<IO> {
                         return Poll::Ready(Ok(()));
                     }
                     Poll::Ready(None) => {
-                        return Poll::Ready(Err(this.refuse(GateRefusal::Busy(this.budget.busy().retry_after))));
+                        return Poll::Ready(Err(
+                            this.refuse(GateRefusal::Busy(this.budget.busy().retry_after))
+                        ));
                     }
                     Poll::Pending => {
                         if wait.as_mut().poll(cx).is_ready() {
                             crate::metrics::payload_budget_refused();
-                            return Poll::Ready(Err(this.refuse(GateRefusal::Busy(this.budget.busy().retry_after))));
+                            return Poll::Ready(Err(
+                                this.refuse(GateRefusal::Busy(this.budget.busy().retry_after))
+                            ));
                         }
                         return Poll::Pending;
                     }

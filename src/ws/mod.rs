@@ -11,10 +11,10 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use axum::extract::{Query, RawQuery, State};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument;
 
 use crate::auth::{AuthError, Identity, SUBPROTOCOL, Surface};

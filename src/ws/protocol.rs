@@ -17,8 +17,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::chat::model::ValidationError;
 
@@ -236,7 +236,11 @@ mod tests {
         parse(text).unwrap_err().code
     }
 
-    fn message<'a>(content: &'a str, message_type: &'a str, client_id: Option<&'a str>) -> ClientFrame<'a> {
+    fn message<'a>(
+        content: &'a str,
+        message_type: &'a str,
+        client_id: Option<&'a str>,
+    ) -> ClientFrame<'a> {
         ClientFrame::Message {
             content: content.into(),
             message_type: message_type.into(),
@@ -304,14 +308,21 @@ mod tests {
         let small = format!(r#"{{"type":"typing_start","pad":[{}]}}"#, pad(100));
         assert_eq!(parse(&small).unwrap(), ClientFrame::TypingStart);
         // Deep nesting in a skipped field is skipped too, without building anything.
-        let deep = format!(r#"{{"content":"x","pad":{}{}}}"#, "[".repeat(400), "]".repeat(400));
+        let deep = format!(
+            r#"{{"content":"x","pad":{}{}}}"#,
+            "[".repeat(400),
+            "]".repeat(400)
+        );
         assert_eq!(parse(&deep).unwrap(), message("x", "text", None));
     }
 
     #[test]
     fn strings_borrow_from_the_frame_unless_escaped() {
         let frame = parse(r#"{"content":"plain","client_id":"c\u0031"}"#).unwrap();
-        let ClientFrame::Message { content, client_id, .. } = frame else {
+        let ClientFrame::Message {
+            content, client_id, ..
+        } = frame
+        else {
             panic!("a message");
         };
         assert!(matches!(content, Cow::Borrowed("plain")));

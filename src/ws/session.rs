@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error, Message, Utf8Bytes};
-use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -354,7 +354,8 @@ where
             None => Step::Continue,
         };
     }
-    *refused = 0;
+    // An accepted typing event does not reset the count: a socket alternating typing
+    // and refused messages is still refusing.
     match conn.typing(on).await {
         Ok(()) => Step::Continue,
         Err(e) => send_frame(sink, &error_frame(conn, e), settings).await,
@@ -367,7 +368,9 @@ fn error_frame(conn: &Connection, error: ChatError) -> ServerFrame {
     match error {
         ChatError::Invalid(e) => ServerFrame::error(e.code, e.detail),
         ChatError::NotFound(what) => ServerFrame::error(code, what),
-        e @ (ChatError::NotOwner | ChatError::StorageFull) => ServerFrame::error(code, e.to_string()),
+        e @ (ChatError::NotOwner | ChatError::StorageFull) => {
+            ServerFrame::error(code, e.to_string())
+        }
         ChatError::Limited(verdict) => ServerFrame::Error {
             code,
             detail: match code {
@@ -514,7 +517,11 @@ where
 /// the write buffer (the library copies each frame there, once per connection), so a big
 /// image fanned out to many members cannot hold more than the budget at once; it leaves
 /// in a write of its own.
-async fn feed_frame<S>(sink: &mut S, frame: bytes::Bytes, settings: &SessionSettings) -> Result<(), Error>
+async fn feed_frame<S>(
+    sink: &mut S,
+    frame: bytes::Bytes,
+    settings: &SessionSettings,
+) -> Result<(), Error>
 where
     S: Sink<Message, Error = Error> + Unpin,
 {

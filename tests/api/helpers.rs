@@ -191,6 +191,8 @@ pub struct TestApp {
     /// The admin listener's port (`/metrics`).
     pub admin_port: u16,
     pub http: reqwest::Client,
+    /// The configuration it runs with (sizes derived).
+    pub config: std::sync::Arc<Config>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -205,6 +207,7 @@ impl TestApp {
         let port = app.port();
         let admin_port = app.admin_port().unwrap_or(0);
         let shutdown = app.shutdown_token();
+        let config = app.state().config.clone();
         let task = tokio::spawn(async move {
             app.run_until_stopped().await.expect("app runs");
         });
@@ -212,6 +215,7 @@ impl TestApp {
             port,
             admin_port,
             http: crate::helpers::http_client(),
+            config,
             shutdown,
             task: Some(task),
         }

@@ -171,7 +171,9 @@ async fn typing_beyond_its_limit_is_dropped_silently() {
     .await;
     let mut typist = app.ws("frank", "general").await;
     let mut watcher = app.ws("gina", "general").await;
-    for _ in 0..3 {
+    // Two typing events fit the burst; the next two are dropped (and counted as refused
+    // frames, two of the four that close a socket).
+    for _ in 0..2 {
         typist.send_json(json!({"type": "typing_start"})).await;
         typist.send_json(json!({"type": "typing_stop"})).await;
     }
@@ -199,6 +201,29 @@ async fn typing_beyond_its_limit_is_dropped_silently() {
         }
     }
     assert_eq!(typing, [json!(true), json!(false)]);
+}
+
+#[tokio::test]
+async fn a_typing_flood_is_closed_like_any_other_flood() {
+    let app = TestApp::spawn(
+        None,
+        &limited(&[
+            ("CHATGATE_LIMITS__TYPING_BURST", "2"),
+            ("CHATGATE_LIMITS__TYPING_PER_MINUTE", "1"),
+        ]),
+    )
+    .await;
+    let mut typist = app.ws("flo", "general").await;
+    for _ in 0..4 {
+        typist.send_json(json!({"type": "typing_start"})).await;
+        typist.send_json(json!({"type": "typing_stop"})).await;
+    }
+    let close = typist.closed().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008);
+    assert_eq!(close.reason.as_str(), "rate limit exceeded");
+    // The address serves the abuse penalty: a reconnect is refused with 429.
+    let refused = try_ws(app.port, "username=flo&channel=general").await;
+    assert_eq!(refused.err().map(|(status, _)| status), Some(429));
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ mod auth;
 mod content;
 mod faults;
 mod helpers;
+mod hostile;
 mod lifecycle;
 mod limits;
 mod reliability;
