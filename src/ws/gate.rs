@@ -118,6 +118,25 @@ fn parse_header(bytes: &[u8]) -> Option<Header> {
     })
 }
 
+/// Largest frame payload the WebSocket library is handed; larger frames are cut into
+/// fragments of this size. The library keeps a read buffer as large as the largest frame
+/// it has seen for the rest of the connection, so without this every socket that once
+/// sent a 13 MB image would hold 13 MB until it closed. A multiple of 4, so the fragments
+/// keep the frame's masking key.
+const FRAGMENT: u64 = 16 * 1024;
+
+/// A frame being cut into fragments.
+#[derive(Debug, Clone, Copy)]
+struct Cutting {
+    /// Payload bytes of the frame not yet given a fragment.
+    left: u64,
+    fin: bool,
+    /// The frame's first byte without FIN: RSV bits and opcode (continuation after the
+    /// first fragment).
+    head: u8,
+    mask: Option<[u8; 4]>,
+}
+
 /// An upgraded connection whose reads are gated by the payload budget.
 pub struct Gate<IO> {
     io: IO,
@@ -139,6 +158,9 @@ pub struct Gate<IO> {
     waiting: Option<(u32, Pin<Box<Sleep>>)>,
     /// When the current message must be complete (it holds permits).
     deadline: Option<Pin<Box<Sleep>>>,
+    /// The frame being cut into fragments, and the header of the next fragment.
+    cutting: Option<Cutting>,
+    out: BytesMut,
     handle: GateHandle,
 }
 
@@ -162,6 +184,8 @@ impl<IO> Gate<IO> {
             current: PayloadPermit::default(),
             waiting: None,
             deadline: None,
+            cutting: None,
+            out: BytesMut::new(),
             handle: handle.clone(),
         };
         (gate, handle)
@@ -222,6 +246,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Gate<IO> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
+            if !this.out.is_empty() {
+                let n = this.out.len().min(buf.remaining());
+                buf.put_slice(&this.out[..n]);
+                this.out.advance(n);
+                return Poll::Ready(Ok(()));
+            }
             if let Some(deadline) = &mut this.deadline
                 && deadline.as_mut().poll(cx).is_ready()
             {
@@ -322,6 +352,30 @@ impl<IO> Gate<IO> {
     /// (it is the same frame).
     fn release_header(&mut self, header: Header, buf: &mut ReadBuf<'_>) {
         self.admit(header);
+        if header.data && header.payload > FRAGMENT {
+            // Cut: the original header is replaced by one per fragment.
+            let mask = (self.held[1] & 0x80 != 0).then(|| {
+                let at = header.len - 4;
+                [
+                    self.held[at],
+                    self.held[at + 1],
+                    self.held[at + 2],
+                    self.held[at + 3],
+                ]
+            });
+            self.cutting = Some(Cutting {
+                left: header.payload,
+                fin: header.fin,
+                head: self.held[0] & 0x7F,
+                mask,
+            });
+            self.held.advance(header.len);
+            self.next_fragment();
+            let n = self.out.len().min(buf.remaining());
+            buf.put_slice(&self.out[..n]);
+            self.out.advance(n);
+            return;
+        }
         let n = header.len.min(buf.remaining());
         buf.put_slice(&self.held[..n]);
         self.held.advance(n);
@@ -334,14 +388,47 @@ impl<IO> Gate<IO> {
         }
     }
 
+    /// Writes the next fragment's header to `out` and expects its payload; back to
+    /// headers once the frame is all cut.
+    fn next_fragment(&mut self) {
+        let Some(cut) = &mut self.cutting else {
+            self.scan = Scan::Header;
+            return;
+        };
+        if cut.left == 0 {
+            self.cutting = None;
+            self.scan = Scan::Header;
+            return;
+        }
+        let n = cut.left.min(FRAGMENT);
+        cut.left -= n;
+        let fin = if cut.left == 0 && cut.fin { 0x80 } else { 0 };
+        let masked = if cut.mask.is_some() { 0x80 } else { 0 };
+        // The shortest length encoding, as RFC 6455 asks.
+        if n < 126 {
+            self.out
+                .extend_from_slice(&[fin | cut.head, masked | n as u8]);
+        } else {
+            self.out.extend_from_slice(&[fin | cut.head, masked | 126]);
+            self.out
+                .extend_from_slice(&u16::try_from(n).unwrap_or(u16::MAX).to_be_bytes());
+        }
+        // Continuations after the first fragment: opcode 0, RSV bits kept.
+        cut.head &= 0x70;
+        if let Some(mask) = cut.mask {
+            self.out.extend_from_slice(&mask);
+        }
+        self.scan = Scan::Payload(n);
+    }
+
     fn after_payload(&mut self, n: u64) {
         if let Scan::Payload(left) = self.scan {
             let left = left.saturating_sub(n);
-            self.scan = if left == 0 {
-                Scan::Header
+            if left == 0 {
+                self.next_fragment();
             } else {
-                Scan::Payload(left)
-            };
+                self.scan = Scan::Payload(left);
+            }
         }
         if self.held.is_empty() && self.held.capacity() > 1024 {
             // Idle connections hold no buffer.
@@ -377,5 +464,106 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Gate<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+    #[test]
+    fn headers_parse_with_every_length_encoding() {
+        assert_eq!(parse_header(&[0x81]), None);
+        let short = parse_header(&[0x81, 0x85, 1, 2, 3, 4]).unwrap();
+        assert_eq!(
+            (short.len, short.fin, short.data, short.payload),
+            (6, true, true, 5)
+        );
+        let mid = parse_header(&[0x01, 0xFE, 0x01, 0x00, 1, 2, 3, 4]).unwrap();
+        assert_eq!((mid.len, mid.fin, mid.payload), (8, false, 256));
+        let mut long = vec![0x82, 0xFF];
+        long.extend_from_slice(&(1u64 << 33).to_be_bytes());
+        long.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(parse_header(&long), None, "mask key incomplete");
+        long.push(4);
+        assert_eq!(parse_header(&long).unwrap().payload, 1 << 33);
+        let ping = parse_header(&[0x89, 0x80, 1, 2, 3, 4]).unwrap();
+        assert!(!ping.data);
+    }
+
+    /// A server socket over a gate, and a client socket, joined by an in-memory pipe.
+    async fn pair(
+        budget: Arc<PayloadBudget>,
+    ) -> (
+        WebSocketStream<Gate<tokio::io::DuplexStream>>,
+        GateHandle,
+        WebSocketStream<tokio::io::DuplexStream>,
+    ) {
+        let (server, client) = tokio::io::duplex(64 * 1024);
+        let (gate, handle) = Gate::new(server, budget, 8 << 20, Duration::from_secs(30));
+        let config = WebSocketConfig::default().read_buffer_size(2048);
+        let server = WebSocketStream::from_raw_socket(gate, Role::Server, Some(config)).await;
+        let client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        (server, handle, client)
+    }
+
+    #[tokio::test]
+    async fn large_messages_arrive_whole_with_their_permits() {
+        let budget = Arc::new(PayloadBudget::new(4 << 20, 1024, Duration::from_secs(5)));
+        let (mut server, handle, mut client) = pair(budget.clone()).await;
+        let big: String = (0..1_000_003)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let sent = big.clone();
+        let send = tokio::spawn(async move {
+            client.send(Message::text("small")).await.unwrap();
+            client.send(Message::text(sent)).await.unwrap();
+            client.send(Message::Ping(vec![1].into())).await.unwrap();
+            client.send(Message::text("after")).await.unwrap();
+            client
+        });
+        let first = server.next().await.unwrap().unwrap();
+        assert_eq!(first.to_text().unwrap(), "small");
+        assert_eq!(handle.take_permit().bytes(), 0);
+        let second = server.next().await.unwrap().unwrap();
+        assert_eq!(
+            second.to_text().unwrap(),
+            big,
+            "cut into fragments and put back whole"
+        );
+        let permit = handle.take_permit();
+        assert_eq!(permit.bytes(), big.len());
+        assert_eq!(budget.in_use(), big.len());
+        drop(permit);
+        assert_eq!(budget.in_use(), 0);
+        assert!(matches!(
+            server.next().await.unwrap().unwrap(),
+            Message::Ping(_)
+        ));
+        assert_eq!(
+            server.next().await.unwrap().unwrap().to_text().unwrap(),
+            "after"
+        );
+        drop(send.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_room_in_the_budget_is_a_busy_refusal() {
+        let budget = Arc::new(PayloadBudget::new(2 << 20, 1024, Duration::from_secs(1)));
+        let held = budget.acquire(2 << 20).await.unwrap();
+        let (mut server, handle, mut client) = pair(budget.clone()).await;
+        let send = tokio::spawn(async move {
+            let _ = client.send(Message::text("x".repeat(100_000))).await;
+            client
+        });
+        let read = server.next().await.unwrap();
+        assert!(read.is_err());
+        assert!(matches!(handle.refusal(), Some(GateRefusal::Busy(_))));
+        drop(held);
+        drop(send);
     }
 }
