@@ -326,9 +326,6 @@ pub struct LimitsConfig {
     /// Media bytes per user (decoded data URLs' text, WebSocket and REST together).
     pub media_bytes_per_minute: u64,
     pub media_burst_bytes: u64,
-    /// New channels per user (a channel is created by its first message).
-    pub channels_per_minute: u32,
-    pub channel_burst: u32,
     /// Message deletes per user.
     pub deletes_per_minute: u32,
     pub delete_burst: u32,
@@ -676,8 +673,6 @@ impl Config {
                 l.rest_per_minute_per_ip,
                 l.rest_burst_per_ip,
                 l.ws_close_after_refused,
-                l.channels_per_minute,
-                l.channel_burst,
                 l.deletes_per_minute,
                 l.delete_burst,
             ]

@@ -59,9 +59,6 @@ pub enum ApiError {
     /// Too many large payloads in flight in this process: 503 with `Retry-After`.
     #[error("server busy")]
     Busy(crate::limits::payload::Busy),
-    /// The store is near its memory ceiling: 507, new media is refused.
-    #[error("storage full")]
-    StorageFull,
     /// A protocol-level refusal with its own status (a malformed WebSocket upgrade).
     #[error("{detail}")]
     Status {
@@ -114,7 +111,6 @@ impl ApiError {
             Self::Unavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             Self::Status { status, .. } => *status,
         }
     }
@@ -134,7 +130,6 @@ impl ApiError {
             Self::ShuttingDown => "shutting_down",
             Self::Internal(_) => "internal",
             Self::Busy(_) => "server_busy",
-            Self::StorageFull => "storage_full",
             Self::Status { code, .. } => code,
         }
     }
@@ -157,7 +152,6 @@ impl From<ChatError> for ApiError {
             ChatError::NotFound(what) => Self::NotFound(what),
             ChatError::Unavailable(cause) => Self::Unavailable(cause),
             ChatError::Limited(verdict) => Self::RateLimited(verdict),
-            ChatError::StorageFull => Self::StorageFull,
         }
     }
 }
@@ -187,9 +181,6 @@ impl IntoResponse for ApiError {
                         "Media quota exceeded (bytes of images and audio per user): retry in {} s",
                         v.retry_after_secs()
                     ),
-                    "channels" => {
-                        format!("Too many new channels: retry in {} s", v.retry_after_secs())
-                    }
                     name => format!(
                         "Too many requests ({name} limit): retry in {} s",
                         v.retry_after_secs()
@@ -199,10 +190,6 @@ impl IntoResponse for ApiError {
             ),
             Self::Busy(_) => (
                 "Server busy with large payloads, try again shortly".to_string(),
-                None,
-            ),
-            Self::StorageFull => (
-                "Chat storage is full: media is refused until it has room".to_string(),
                 None,
             ),
             Self::Status { detail, .. } => (detail.to_string(), None),

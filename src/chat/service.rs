@@ -39,13 +39,10 @@ pub enum ChatError {
     /// Redis (store or bus) failed; the cause is for logs only.
     #[error("chat store unavailable: {0}")]
     Unavailable(String),
-    /// Over a budget of the sender's (messages, media bytes, new channels, deletes); the
+    /// Over a budget of the sender's (messages, media bytes, deletes); the
     /// verdict's policy names which.
     #[error("over the {} budget", .0.policy.name)]
     Limited(Verdict),
-    /// The store is close to its memory ceiling: new media is refused until it has room.
-    #[error("chat storage is full")]
-    StorageFull,
 }
 
 impl ChatError {
@@ -57,7 +54,6 @@ impl ChatError {
             Self::NotOwner => "not_owner",
             Self::Unavailable(_) => "store_unavailable",
             Self::Limited(verdict) => limited_code(verdict),
-            Self::StorageFull => "storage_full",
         }
     }
 }
@@ -66,7 +62,6 @@ impl ChatError {
 pub fn limited_code(verdict: &Verdict) -> &'static str {
     match verdict.policy.name {
         "media" => "media_quota_exceeded",
-        "channels" => "channel_quota_exceeded",
         _ => "rate_limited",
     }
 }
@@ -252,12 +247,12 @@ impl ChatService {
 
     /// The one send use case, for every face: the sender's message budget (every attempt
     /// costs one, so invalid and expensive content is paced like valid content), the
-    /// content rules, then for media the store's room and the sender's media bytes, then
+    /// content rules, then for media the sender's media bytes, then
     /// [`ChatService::send`]. Records `message_type` and `outcome` on the current span.
     ///
     /// # Errors
-    /// [`ChatError::Limited`], [`ChatError::Invalid`], [`ChatError::StorageFull`],
-    /// [`ChatError::Unavailable`]; nothing is stored on any of them.
+    /// [`ChatError::Limited`], [`ChatError::Invalid`], [`ChatError::Unavailable`];
+    /// nothing is stored on any of them.
     pub async fn post(
         &self,
         sender: &Username,
@@ -286,17 +281,13 @@ impl ChatService {
             .inspect_err(|e| refused(e.code))?;
         // Only the validated type: the raw field is client input of any size.
         span.record("message_type", draft.message_type());
-        if draft.is_media() {
-            if self.store.storage_full() {
-                refused("storage_full");
-                return Err(ChatError::StorageFull);
-            }
-            if let Some(budgets) = &self.budgets {
-                let verdict = budgets.media(sender.as_str(), draft.content.len()).await;
-                if !verdict.allowed {
-                    refused("media_quota_exceeded");
-                    return Err(ChatError::Limited(verdict));
-                }
+        if draft.is_media()
+            && let Some(budgets) = &self.budgets
+        {
+            let verdict = budgets.media(sender.as_str(), draft.content.len()).await;
+            if !verdict.allowed {
+                refused("media_quota_exceeded");
+                return Err(ChatError::Limited(verdict));
             }
         }
         let message = self

@@ -4,7 +4,6 @@
 //! |---|---|---|
 //! | messages (WebSocket and REST) | user | Redis (one GCRA script, Redis's clock), so replicas share one budget; locally when Redis does not answer within `limits.redis_timeout_ms` (never unlimited) |
 //! | media bytes (images and audio, WebSocket and REST) | user | Redis, like messages; in KiB |
-//! | new channels (the first message of a channel) | user | Redis, like messages |
 //! | message deletes | user | Redis, like messages |
 //! | typing events | user | locally; extra events are dropped (and count as refused frames) |
 //! | new WebSocket connections | client IP (IPv6 by /64) | locally |
@@ -335,7 +334,6 @@ pub struct Limits {
     redis_timeout: Duration,
     messages: Keyed<String>,
     media: Keyed<String>,
-    channels: Keyed<String>,
     deletes: Keyed<String>,
     typing: Keyed<String>,
     connects: Keyed<IpAddr>,
@@ -367,11 +365,6 @@ impl Limits {
                 "media",
                 kib(config.media_bytes_per_minute),
                 kib(config.media_burst_bytes),
-            )),
-            channels: Keyed::new(Policy::new(
-                "channels",
-                config.channels_per_minute,
-                config.channel_burst,
             )),
             deletes: Keyed::new(Policy::new(
                 "deletes",
@@ -482,15 +475,6 @@ impl Limits {
         verdict
     }
 
-    /// A new channel created by `user` (its first message).
-    pub async fn channel_created(&self, user: &str) -> Verdict {
-        let verdict = self.take(&self.channels, format!("chan:{user}"), 1).await;
-        if !verdict.allowed {
-            crate::metrics::rate_limited("channels");
-        }
-        verdict
-    }
-
     /// One message delete by `user`.
     pub async fn delete(&self, user: &str) -> Verdict {
         let verdict = self.take(&self.deletes, format!("del:{user}"), 1).await;
@@ -578,7 +562,6 @@ impl Limits {
     pub fn tracked_keys(&self) -> usize {
         self.messages.len()
             + self.media.len()
-            + self.channels.len()
             + self.deletes.len()
             + self.typing.len()
             + self.connects.len()
@@ -595,7 +578,6 @@ impl Limits {
         self.penalties().retain(|_, until| *until > now);
         self.messages.prune();
         self.media.prune();
-        self.channels.prune();
         self.deletes.prune();
         self.typing.prune();
         self.connects.prune();
@@ -720,8 +702,6 @@ mod tests {
             headers: true,
             media_bytes_per_minute: 60 * 1024,
             media_burst_bytes: 10 * 1024,
-            channels_per_minute: 60,
-            channel_burst: 2,
             deletes_per_minute: 60,
             delete_burst: 3,
         }
@@ -740,10 +720,7 @@ mod tests {
         // Another user has a budget of their own; more than a whole burst never passes.
         assert!(limits.media("bob", 1).await.allowed);
         assert!(!limits.media("bob", 11 * 1024).await.allowed);
-        // Channels and deletes are budgets of their own too.
-        assert!(limits.channel_created("ann").await.allowed);
-        assert!(limits.channel_created("ann").await.allowed);
-        assert!(!limits.channel_created("ann").await.allowed);
+        // Deletes are a budget of their own too.
         for _ in 0..3 {
             assert!(limits.delete("ann").await.allowed);
         }

@@ -166,9 +166,4 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap reachability check for readiness.
     async fn ping(&self) -> StoreResult<()>;
-
-    /// Whether the store is near its memory ceiling (new media is refused then).
-    fn storage_full(&self) -> bool {
-        false
-    }
 }

@@ -368,17 +368,12 @@ fn error_frame(conn: &Connection, error: ChatError) -> ServerFrame {
     match error {
         ChatError::Invalid(e) => ServerFrame::error(e.code, e.detail),
         ChatError::NotFound(what) => ServerFrame::error(code, what),
-        e @ (ChatError::NotOwner | ChatError::StorageFull) => {
-            ServerFrame::error(code, e.to_string())
-        }
+        e @ ChatError::NotOwner => ServerFrame::error(code, e.to_string()),
         ChatError::Limited(verdict) => ServerFrame::Error {
             code,
             detail: match code {
                 "media_quota_exceeded" => {
                     "media quota exceeded: wait retry_after_ms before sending more images or audio"
-                }
-                "channel_quota_exceeded" => {
-                    "too many new channels: wait retry_after_ms before starting another"
                 }
                 _ => "too many messages: wait retry_after_ms before sending again",
             }
