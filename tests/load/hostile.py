@@ -20,7 +20,7 @@ def padded(kind, n, extra=''):
     return '{"type":"%s","content":"x"%s,"pad":[%s]}'%(kind,extra,pad)
 TYP=padded('typing_start',MAX).encode()
 TXT2=padded('message',2<<20)
-aud=b'\x1a\x45\xdf\xa3'+bytes(10*1024*1024-4)
+aud=b'\x1a\x45\xdf\xa3\x42\x82\x84webm'+bytes(10*1024*1024-11)
 MEDIA=json.dumps({"type":"message","message_type":"audio","content":"data:audio/webm;base64,"+base64.b64encode(aud).decode()})
 REST=padded('message',MAX-100,',"sender":"amp"').replace('"type":"message",','').encode()
 def rss():
