@@ -223,8 +223,3 @@ pub fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
 pub fn payload_budget_refused() {
     metrics::counter!("chatgate_payload_budget_refused_total").increment(1);
 }
-
-/// Bytes of the payload budget held right now (sampled when metrics are scraped).
-pub fn payload_budget_in_use(bytes: usize) {
-    metrics::gauge!("chatgate_payload_budget_bytes_in_use").set(bytes as f64);
-}

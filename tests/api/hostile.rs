@@ -44,6 +44,16 @@ fn rss() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// `POST /api/chat/message` with `body`, answered whatever its status.
+async fn send_message(app: &TestApp, body: &Value) -> reqwest::Response {
+    app.http
+        .post(app.url("/api/chat/message"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Reads `watcher` until the sentinel message `marker` arrives; returns what came before.
 async fn frames_until(watcher: &mut WsClient, marker: &str) -> Vec<Value> {
     let mut seen = Vec::new();
@@ -163,13 +173,7 @@ async fn large_payloads_over_the_budget_are_refused_with_retry_hints() {
     let big = json!({"sender": "ann", "content": image, "message_type": "image"});
     // Wait until the hog holds the budget (the server reads its headers first).
     let refused = loop {
-        let response = app
-            .http
-            .post(app.url("/api/chat/message"))
-            .json(&big)
-            .send()
-            .await
-            .unwrap();
+        let response = send_message(&app, &big).await;
         if response.status() == 503 {
             break response;
         }
@@ -202,13 +206,7 @@ async fn large_payloads_over_the_budget_are_refused_with_retry_hints() {
     // Once the hog is gone, large payloads pass again.
     drop(hog);
     let stored = loop {
-        let response = app
-            .http
-            .post(app.url("/api/chat/message"))
-            .json(&big)
-            .send()
-            .await
-            .unwrap();
+        let response = send_message(&app, &big).await;
         if response.status() == 200 {
             break true;
         }
@@ -237,13 +235,7 @@ async fn the_media_quota_holds_on_its_own_and_refusals_store_nothing() {
     let body = json!({"sender": "ann", "content": image, "message_type": "image"});
     let mut accepted = 0;
     let refused = loop {
-        let response = app
-            .http
-            .post(app.url("/api/chat/message"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = send_message(&app, &body).await;
         if response.status() != 200 {
             break response;
         }
