@@ -20,7 +20,7 @@ use crate::limits::payload::PayloadBudget;
 use crate::state::{AppState, Inner};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{Keys, RedisStore, WaitReplicas};
-use crate::store::{RateStore, Store, StoreSettings};
+use crate::store::{Capacity, RateStore, Store, StoreSettings};
 use crate::ws::gate::GateHandle;
 use crate::ws::protocol::FrameCaps;
 use crate::ws::session::SessionSettings;
@@ -79,11 +79,13 @@ impl Application {
         let sessions = TaskTracker::new();
         let settings = StoreSettings {
             history_max: config.store.history_max,
+            history_max_bytes: config.store.channel_max_bytes,
             history_ttl_secs: config.store.history_ttl_secs,
             presence_ttl_ms: config.store.presence_ttl_secs * 1000,
             typing_ttl_secs: config.store.typing_ttl_secs,
         };
 
+        let capacity = Arc::new(Capacity::default());
         let (store, bus, shared_rates): Backends = if config.uses_redis() {
             let upstream = crate::store::connection::connect(
                 &config.redis,
@@ -121,6 +123,13 @@ impl Application {
                 sharded,
                 durable,
             ));
+            check_eviction(&store, &config).await?;
+            background_tasks.spawn(store.clone().watch_capacity(
+                capacity.clone(),
+                config.redis.storage_full_ratio,
+                Duration::from_millis(config.redis.memory_check_ms),
+                background.clone(),
+            ));
             (store.clone(), Arc::new(bus), Some(store))
         } else {
             let bus = Arc::new(MemoryBus::new(hub.clone()));
@@ -151,6 +160,7 @@ impl Application {
             hub,
             limits,
             budgets.clone(),
+            capacity,
             sessions.clone(),
         ));
         let limits = budgets;
@@ -316,6 +326,40 @@ impl Application {
 
 /// Seconds between two passes of the Prometheus recorder's upkeep (histogram buckets).
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// Reads Redis's `maxmemory-policy` on every primary: a policy that can evict chatgate's
+/// keys (rate budgets, presence, history) is a warning in dev mode and a startup error
+/// otherwise, unless `redis.allow_evicting_policy` acknowledges it. A Redis that does not
+/// answer `INFO memory` (a managed service may disable it) is a warning.
+async fn check_eviction(store: &RedisStore, config: &Config) -> Result<(), StartupError> {
+    let nodes = match store.memory().await {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            tracing::warn!(error = %e.0, "cannot read Redis's maxmemory-policy: make sure it is noeviction");
+            return Ok(());
+        }
+    };
+    if nodes.iter().all(|n| n.max == 0) {
+        tracing::info!("Redis has no maxmemory: the storage_full guard is inactive");
+    }
+    let Some(evicting) = nodes.iter().find(|n| n.evicts()) else {
+        return Ok(());
+    };
+    let policy = evicting.policy.as_str();
+    if config.dev || config.redis.allow_evicting_policy {
+        tracing::warn!(
+            policy,
+            "Redis's maxmemory-policy can evict chatgate's rate-limit, presence and history keys; \
+             set it to noeviction"
+        );
+        return Ok(());
+    }
+    Err(StartupError::Redis(format!(
+        "Redis's maxmemory-policy is {policy}: it can evict chatgate's rate-limit, presence and \
+         history keys under memory pressure. Set maxmemory-policy noeviction, or acknowledge with \
+         redis.allow_evicting_policy = true"
+    )))
+}
 
 /// The admin listener: `GET /metrics` and `GET /healthz`, until `stop` (it outlives the
 /// drain, so the drain itself can be watched).

@@ -101,6 +101,12 @@ pub struct RedisConfig {
     pub connect_timeout_ms: u64,
     pub command_timeout_ms: u64,
     pub startup_timeout_secs: u64,
+    /// Start even when Redis's `maxmemory-policy` can evict chatgate's keys.
+    pub allow_evicting_policy: bool,
+    /// Fraction of Redis's `maxmemory` past which new media is refused (`storage_full`).
+    pub storage_full_ratio: f64,
+    /// How often Redis's memory use is read (milliseconds).
+    pub memory_check_ms: u64,
 }
 
 /// How chatgate reaches Redis.
@@ -209,6 +215,8 @@ pub enum Backend {
 pub struct StoreConfig {
     pub backend: Backend,
     pub history_max: usize,
+    /// Bytes of history kept per channel.
+    pub channel_max_bytes: usize,
     pub history_ttl_secs: u64,
     pub presence_ttl_secs: u64,
     pub presence_refresh_secs: u64,
@@ -329,6 +337,9 @@ pub struct LimitsConfig {
     /// Message deletes per user.
     pub deletes_per_minute: u32,
     pub delete_burst: u32,
+    /// Channels a user may create (post the first message of).
+    pub channels_per_minute: u32,
+    pub channel_burst: u32,
 }
 
 /// What one process may hold for large payloads (see [`crate::limits::payload`]).
@@ -589,6 +600,18 @@ impl Config {
             "store.history_max must be at least 1",
         );
         check(
+            self.store.channel_max_bytes >= self.chat.max_text_bytes.max(1024),
+            "store.channel_max_bytes must be at least chat.max_text_bytes (and 1024)",
+        );
+        check(
+            self.redis.storage_full_ratio > 0.0 && self.redis.storage_full_ratio <= 1.0,
+            "redis.storage_full_ratio must be above 0 and at most 1",
+        );
+        check(
+            self.redis.memory_check_ms >= 100,
+            "redis.memory_check_ms must be at least 100",
+        );
+        check(
             (1..=self.store.history_max).contains(&self.chat.history_max_limit),
             "chat.history_max_limit must be between 1 and store.history_max",
         );
@@ -675,6 +698,8 @@ impl Config {
                 l.ws_close_after_refused,
                 l.deletes_per_minute,
                 l.delete_burst,
+                l.channels_per_minute,
+                l.channel_burst,
             ]
             .iter()
             .all(|v| *v >= 1)

@@ -56,6 +56,9 @@ pub enum ApiError {
     /// A bug; the string is the cause, for logs.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The store is nearly full and takes no new media: 507 with `Retry-After`.
+    #[error("storage full")]
+    StorageFull,
     /// Too many large payloads in flight in this process: 503 with `Retry-After`.
     #[error("server busy")]
     Busy(crate::limits::payload::Busy),
@@ -111,6 +114,7 @@ impl ApiError {
             Self::Unavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             Self::Status { status, .. } => *status,
         }
     }
@@ -130,6 +134,7 @@ impl ApiError {
             Self::ShuttingDown => "shutting_down",
             Self::Internal(_) => "internal",
             Self::Busy(_) => "server_busy",
+            Self::StorageFull => "storage_full",
             Self::Status { code, .. } => code,
         }
     }
@@ -152,6 +157,7 @@ impl From<ChatError> for ApiError {
             ChatError::NotFound(what) => Self::NotFound(what),
             ChatError::Unavailable(cause) => Self::Unavailable(cause),
             ChatError::Limited(verdict) => Self::RateLimited(verdict),
+            ChatError::StorageFull => Self::StorageFull,
         }
     }
 }
@@ -168,6 +174,10 @@ impl IntoResponse for ApiError {
             Self::RateLimited(v) => (Some(v.retry_after_secs()), Some(v.clone())),
             Self::TooManyConnections(Refusal::PerIp | Refusal::PerUser) => (Some(5), None),
             Self::Busy(busy) => (Some(busy.retry_after.as_secs().max(1)), None),
+            Self::StorageFull => (
+                Some(crate::chat::service::STORAGE_FULL_RETRY.as_secs()),
+                None,
+            ),
             _ => (None, None),
         };
         let (detail, cause) = match self {
@@ -190,6 +200,10 @@ impl IntoResponse for ApiError {
             ),
             Self::Busy(_) => (
                 "Server busy with large payloads, try again shortly".to_string(),
+                None,
+            ),
+            Self::StorageFull => (
+                "Chat storage is nearly full: images and audio are refused for now, text still goes through".to_string(),
                 None,
             ),
             Self::Status { detail, .. } => (detail.to_string(), None),

@@ -41,6 +41,10 @@ pub fn install() -> PrometheusHandle {
 fn describe() {
     describe_gauge!("chatgate_connections", "Open WebSocket sessions.");
     describe_gauge!(
+        "chatgate_store_full",
+        "1 while Redis is past redis.storage_full_ratio of its maxmemory: new media is refused."
+    );
+    describe_gauge!(
         "chatgate_runtime_tasks",
         "Tasks alive in the async runtime."
     );
@@ -184,6 +188,11 @@ pub fn hub_totals(delivered: u64, dropped_typing: u64) {
     counter!("chatgate_frames_delivered_total").absolute(delivered);
     counter!("chatgate_frames_dropped_total", "reason" => "typing_backpressure")
         .absolute(dropped_typing);
+}
+
+/// 1 while Redis is past `redis.storage_full_ratio` of its `maxmemory` (media refused).
+pub fn store_full(full: bool) {
+    gauge!("chatgate_store_full").set(if full { 1.0 } else { 0.0 });
 }
 
 pub fn rate_limited(limit: &'static str) {

@@ -22,7 +22,7 @@ use crate::bus::Bus;
 use crate::bus::hub::{Hub, Member, Outbox, outbox};
 use crate::content::{MediaKind, MediaLimits};
 use crate::limits::{Limits, Verdict};
-use crate::store::{Deleted, PresenceMember, Store, StoreError};
+use crate::store::{Appended, Capacity, Deleted, NewEntry, PresenceMember, Store, StoreError};
 
 /// Why a chat operation failed. Maps to a REST status and a WebSocket error code.
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +39,13 @@ pub enum ChatError {
     /// Redis (store or bus) failed; the cause is for logs only.
     #[error("chat store unavailable: {0}")]
     Unavailable(String),
-    /// Over a budget of the sender's (messages, media bytes, deletes); the
+    /// Over a budget of the sender's (messages, media bytes, new channels, deletes); the
     /// verdict's policy names which.
     #[error("over the {} budget", .0.policy.name)]
     Limited(Verdict),
+    /// The store is nearly full: new media is refused until it has room again.
+    #[error("the chat store is nearly full: media is refused for now")]
+    StorageFull,
 }
 
 impl ChatError {
@@ -54,6 +57,7 @@ impl ChatError {
             Self::NotOwner => "not_owner",
             Self::Unavailable(_) => "store_unavailable",
             Self::Limited(verdict) => limited_code(verdict),
+            Self::StorageFull => "storage_full",
         }
     }
 }
@@ -178,6 +182,9 @@ pub struct OnlineUser {
 /// read only when its last seen message is older.
 const RESUME_FIRST_PAGE: usize = 50;
 
+/// How long a client should wait before sending media again after `storage_full`.
+pub const STORAGE_FULL_RETRY: Duration = Duration::from_secs(30);
+
 /// Channels whose presence is refreshed at the same time (one Redis call each).
 const REFRESH_CONCURRENCY: usize = 16;
 
@@ -189,6 +196,8 @@ pub struct ChatService {
     /// The sender budgets (messages, media bytes, new channels, deletes); `None` when
     /// `limits.enabled` is false.
     budgets: Option<Arc<Limits>>,
+    /// Whether the store has room for new media.
+    capacity: Arc<Capacity>,
     /// Spawns the cleanup of connections dropped without [`Connection::close`].
     tracker: TaskTracker,
     next_conn: AtomicU64,
@@ -217,6 +226,7 @@ impl ChatService {
         hub: Arc<Hub>,
         limits: ChatLimits,
         budgets: Option<Arc<Limits>>,
+        capacity: Arc<Capacity>,
         tracker: TaskTracker,
     ) -> Self {
         Self {
@@ -225,6 +235,7 @@ impl ChatService {
             hub,
             limits,
             budgets,
+            capacity,
             tracker,
             next_conn: AtomicU64::new(1),
         }
@@ -247,12 +258,13 @@ impl ChatService {
 
     /// The one send use case, for every face: the sender's message budget (every attempt
     /// costs one, so invalid and expensive content is paced like valid content), the
-    /// content rules, then for media the sender's media bytes, then
-    /// [`ChatService::send`]. Records `message_type` and `outcome` on the current span.
+    /// content rules, then for media the store's room and the sender's media bytes, then
+    /// [`ChatService::send`] (which charges the sender's channel budget when the message
+    /// would create its channel). Records `message_type` and `outcome` on the current span.
     ///
     /// # Errors
-    /// [`ChatError::Limited`], [`ChatError::Invalid`], [`ChatError::Unavailable`];
-    /// nothing is stored on any of them.
+    /// [`ChatError::Limited`], [`ChatError::Invalid`], [`ChatError::StorageFull`],
+    /// [`ChatError::Unavailable`]; nothing is stored on any of them.
     pub async fn post(
         &self,
         sender: &Username,
@@ -281,6 +293,10 @@ impl ChatService {
             .inspect_err(|e| refused(e.code))?;
         // Only the validated type: the raw field is client input of any size.
         span.record("message_type", draft.message_type());
+        if draft.is_media() && self.capacity.is_full() {
+            refused("storage_full");
+            return Err(ChatError::StorageFull);
+        }
         if draft.is_media()
             && let Some(budgets) = &self.budgets
         {
@@ -327,10 +343,26 @@ impl ChatService {
             from.and_then(|(_, client_id)| client_id),
             traceparent.as_deref(),
         );
-        self.store.append(channel, &entry, &event).await?;
         let ServerFrame::Message(message) = frame else {
             unreachable!("built as a message above")
         };
+        let new = NewEntry {
+            id: &message.message_id,
+            owner: sender.as_str(),
+            json: &entry,
+        };
+        // Only a message that would create its channel pays the sender's channel budget:
+        // the store says so without storing, and the second call may create it.
+        let create = self.budgets.is_none();
+        if self.store.append(channel, new, &event, create).await? == Appended::WouldCreate {
+            if let Some(budgets) = &self.budgets {
+                let verdict = budgets.channel(sender.as_str()).await;
+                if !verdict.allowed {
+                    return Err(ChatError::Limited(verdict));
+                }
+            }
+            self.store.append(channel, new, &event, true).await?;
+        }
         Ok(message)
     }
 

@@ -335,6 +335,7 @@ pub struct Limits {
     messages: Keyed<String>,
     media: Keyed<String>,
     deletes: Keyed<String>,
+    channels: Keyed<String>,
     typing: Keyed<String>,
     connects: Keyed<IpAddr>,
     rest: Keyed<IpAddr>,
@@ -370,6 +371,11 @@ impl Limits {
                 "deletes",
                 config.deletes_per_minute,
                 config.delete_burst,
+            )),
+            channels: Keyed::new(Policy::new(
+                "channels",
+                config.channels_per_minute,
+                config.channel_burst,
             )),
             typing: Keyed::new(Policy::new(
                 "typing",
@@ -484,6 +490,15 @@ impl Limits {
         verdict
     }
 
+    /// One channel created by `user` (the first message stored in it).
+    pub async fn channel(&self, user: &str) -> Verdict {
+        let verdict = self.take(&self.channels, format!("chan:{user}"), 1).await;
+        if !verdict.allowed {
+            crate::metrics::rate_limited("channels");
+        }
+        verdict
+    }
+
     /// One message attempt of `user` (WebSocket or REST): [`Limits::message`] in its own
     /// `ratelimit.check` span; a refusal is counted and recorded as the current span's
     /// `outcome`.
@@ -563,6 +578,7 @@ impl Limits {
         self.messages.len()
             + self.media.len()
             + self.deletes.len()
+            + self.channels.len()
             + self.typing.len()
             + self.connects.len()
             + self.rest.len()
@@ -579,6 +595,7 @@ impl Limits {
         self.messages.prune();
         self.media.prune();
         self.deletes.prune();
+        self.channels.prune();
         self.typing.prune();
         self.connects.prune();
         self.rest.prune();
@@ -704,6 +721,8 @@ mod tests {
             media_burst_bytes: 10 * 1024,
             deletes_per_minute: 60,
             delete_burst: 3,
+            channels_per_minute: 1,
+            channel_burst: 2,
         }
     }
 

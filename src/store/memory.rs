@@ -5,13 +5,15 @@
 //! holding it, and events are published under it, which keeps bus order equal to history
 //! order exactly as the Redis scripts do.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
-use super::{Deleted, PresenceEntry, PresenceMember, Store, StoreResult, StoreSettings};
+use super::{
+    Appended, Deleted, NewEntry, PresenceEntry, PresenceMember, Store, StoreResult, StoreSettings,
+};
 use crate::bus::memory::MemoryBus;
 use crate::chat::model::{ChannelName, MessageId, Username};
 
@@ -23,12 +25,69 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Inner {
-    /// Channel → entries, newest first, with the time of the last append (for the TTL).
-    history: HashMap<String, (VecDeque<String>, u64)>,
+    /// Channel → its history.
+    history: HashMap<String, Log>,
     /// Channel → user → connection key → deadline (ms since the epoch).
     presence: HashMap<String, BTreeMap<String, HashMap<String, u64>>>,
     /// (channel, user) pairs currently typing, with their deadline.
     typing: HashMap<(String, String), u64>,
+}
+
+/// One channel's history, indexed by id like the Redis layout.
+#[derive(Default)]
+struct Log {
+    /// Sequence number → entry; the highest is the newest.
+    entries: BTreeMap<u64, Stored>,
+    /// Message id → sequence number.
+    ids: HashMap<String, u64>,
+    next: u64,
+    /// Sum of the entries' lengths.
+    bytes: usize,
+    /// Time of the last append (ms), for the TTL.
+    touched: u64,
+}
+
+struct Stored {
+    id: String,
+    owner: String,
+    json: String,
+}
+
+impl Log {
+    fn push(&mut self, entry: NewEntry<'_>, now: u64) {
+        if let Some(seq) = self.ids.remove(entry.id) {
+            self.remove(seq);
+        }
+        self.next += 1;
+        self.ids.insert(entry.id.to_string(), self.next);
+        self.bytes += entry.json.len();
+        self.entries.insert(
+            self.next,
+            Stored {
+                id: entry.id.to_string(),
+                owner: entry.owner.to_string(),
+                json: entry.json.to_string(),
+            },
+        );
+        self.touched = now;
+    }
+
+    /// Drops the oldest entries beyond `max` entries or `max_bytes` (the newest stays).
+    fn trim(&mut self, max: usize, max_bytes: usize) {
+        while self.entries.len() > max || (self.bytes > max_bytes && self.entries.len() > 1) {
+            let Some((_, oldest)) = self.entries.pop_first() else {
+                break;
+            };
+            self.ids.remove(&oldest.id);
+            self.bytes -= oldest.json.len();
+        }
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Stored> {
+        let stored = self.entries.remove(&seq)?;
+        self.bytes -= stored.json.len();
+        Some(stored)
+    }
 }
 
 fn now_ms() -> u64 {
@@ -61,25 +120,30 @@ impl MemoryStore {
         let ttl = self.history_ttl_ms();
         inner
             .history
-            .retain(|_, (_, touched)| now < touched.saturating_add(ttl));
+            .retain(|_, log| now < log.touched.saturating_add(ttl));
     }
 }
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn append(&self, channel: &ChannelName, entry: &str, event: &[u8]) -> StoreResult<()> {
+    async fn append(
+        &self,
+        channel: &ChannelName,
+        entry: NewEntry<'_>,
+        event: &[u8],
+        create: bool,
+    ) -> StoreResult<Appended> {
         let now = now_ms();
         let mut inner = self.lock();
         self.expire_history(&mut inner, now);
-        let (list, touched) = inner
-            .history
-            .entry(channel.to_string())
-            .or_insert_with(|| (VecDeque::new(), now));
-        list.push_front(entry.to_string());
-        list.truncate(self.settings.history_max);
-        *touched = now;
+        if !create && !inner.history.contains_key(channel.as_str()) {
+            return Ok(Appended::WouldCreate);
+        }
+        let log = inner.history.entry(channel.to_string()).or_default();
+        log.push(entry, now);
+        log.trim(self.settings.history_max, self.settings.history_max_bytes);
         self.bus.publish(channel.as_str(), event);
-        Ok(())
+        Ok(Appended::Stored)
     }
 
     async fn history(
@@ -90,19 +154,19 @@ impl Store for MemoryStore {
     ) -> StoreResult<(Vec<String>, bool)> {
         let mut inner = self.lock();
         self.expire_history(&mut inner, now_ms());
-        let Some((list, _)) = inner.history.get(channel.as_str()) else {
+        let Some(log) = inner.history.get(channel.as_str()) else {
             return Ok((Vec::new(), false));
         };
         let mut out: Vec<String> = Vec::new();
         let mut used = 0;
         let mut truncated = false;
-        for entry in list.iter().take(limit) {
-            if !out.is_empty() && used + entry.len() > max_bytes {
+        for stored in log.entries.values().rev().take(limit) {
+            if !out.is_empty() && used + stored.json.len() > max_bytes {
                 truncated = true;
                 break;
             }
-            used += entry.len();
-            out.push(entry.clone());
+            used += stored.json.len();
+            out.push(stored.json.clone());
         }
         out.reverse();
         Ok((out, truncated))
@@ -117,31 +181,18 @@ impl Store for MemoryStore {
     ) -> StoreResult<Deleted> {
         let mut inner = self.lock();
         self.expire_history(&mut inner, now_ms());
-        let Some((list, _)) = inner.history.get_mut(channel.as_str()) else {
+        let Some(log) = inner.history.get_mut(channel.as_str()) else {
             return Ok(Deleted::NotFound);
         };
-        let needle = format!("\"{id}\"");
-        let found = list.iter().enumerate().find_map(|(position, entry)| {
-            if !entry.contains(&needle) {
-                return None;
-            }
-            let value = serde_json::from_str::<serde_json::Value>(entry).ok()?;
-            (value.get("message_id")?.as_str()? == id.as_str()).then(|| {
-                let sender = value
-                    .get("sender")
-                    .and_then(|s| s.as_str())
-                    .map(str::to_string);
-                (position, sender)
-            })
-        });
-        let Some((position, sender)) = found else {
+        let Some(&seq) = log.ids.get(id.as_str()) else {
             return Ok(Deleted::NotFound);
         };
-        if owner.is_some_and(|owner| sender.as_deref() != Some(owner)) {
+        if owner.is_some_and(|owner| log.entries.get(&seq).is_some_and(|s| s.owner != owner)) {
             return Ok(Deleted::NotOwner);
         }
-        list.remove(position);
-        if list.is_empty() {
+        log.ids.remove(id.as_str());
+        log.remove(seq);
+        if log.entries.is_empty() {
             inner.history.remove(channel.as_str());
         }
         self.bus.publish(channel.as_str(), event);

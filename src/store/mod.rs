@@ -23,6 +23,8 @@ pub mod redis;
 pub struct StoreSettings {
     /// Messages kept per channel.
     pub history_max: usize,
+    /// Bytes of entries kept per channel (the oldest go first; the newest always stays).
+    pub history_max_bytes: usize,
     /// Seconds a channel's history lives after its last message.
     pub history_ttl_secs: u64,
     /// Milliseconds a connection stays online without a refresh.
@@ -81,6 +83,42 @@ pub trait RateStore: Send + Sync + 'static {
     ) -> StoreResult<RateOutcome>;
 }
 
+/// One message to append: its id and owner (indexed, so a delete never reads the
+/// history) and its serialized form.
+#[derive(Debug, Clone, Copy)]
+pub struct NewEntry<'a> {
+    pub id: &'a str,
+    /// Who may delete it besides an admin.
+    pub owner: &'a str,
+    pub json: &'a str,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Stored,
+    /// The channel has no history and the append was not allowed to create it: nothing
+    /// was stored or published.
+    WouldCreate,
+}
+
+/// Whether the store has room for new media, as last measured (see
+/// `redis.storage_full_ratio`). Shared by the store's watcher and the send path.
+#[derive(Debug, Default)]
+pub struct Capacity {
+    full: std::sync::atomic::AtomicBool,
+}
+
+impl Capacity {
+    pub fn is_full(&self) -> bool {
+        self.full.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// What a delete found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deleted {
@@ -93,9 +131,18 @@ pub enum Deleted {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Appends a serialized message to the channel's history (newest first, capped,
-    /// TTL refreshed), records the channel as active, and publishes `event`.
-    async fn append(&self, channel: &ChannelName, entry: &str, event: &[u8]) -> StoreResult<()>;
+    /// Appends a message to the channel's history, records the channel as active, and
+    /// publishes `event`. The history keeps the newest `history_max` entries whose sizes
+    /// add up to at most `history_max_bytes` (the newest always stays) and its TTL is
+    /// refreshed. With `create` false, a channel without history is left alone
+    /// ([`Appended::WouldCreate`]), so the caller can charge a creation budget first.
+    async fn append(
+        &self,
+        channel: &ChannelName,
+        entry: NewEntry<'_>,
+        event: &[u8],
+        create: bool,
+    ) -> StoreResult<Appended>;
 
     /// The newest `limit` entries, oldest first (the original's order), cut to the newest
     /// ones whose sizes add up to at most `max_bytes` (the newest entry always comes
@@ -108,7 +155,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<(Vec<String>, bool)>;
 
     /// Removes the message with this id and publishes `event`, in one atomic step. With
-    /// `owner`, only a message whose `sender` is `owner` is removed.
+    /// `owner`, only a message stored with that owner is removed. Finds the message
+    /// through an index: the cost does not grow with the channel's history.
     async fn delete(
         &self,
         channel: &ChannelName,

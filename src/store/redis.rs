@@ -2,7 +2,11 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `chat:<ch>:messages` | list | history, newest first, capped, TTL refreshed per message (the original's key) |
+//! | `chat:<ch>:ids` | sorted set | message id → sequence number: the history's order |
+//! | `chat:<ch>:entries` | hash | message id → the stored message (JSON) |
+//! | `chat:<ch>:owners` | hash | message id → who may delete it (besides an admin) |
+//! | `chat:<ch>:meta` | hash | `seq` (last sequence number), `low` (last one given to a migrated entry), `bytes` (sum of the entries' lengths) |
+//! | `chat:<ch>:messages` | list | the original's history (newest first), moved into the keys above on first use |
 //! | `chat:<ch>:events` | pub/sub channel | bus events of the channel (sharded pub/sub in cluster mode) |
 //! | `chat:<ch>:presence` | sorted set | user → deadline (ms) of their freshest connection |
 //! | `chat:<ch>:presence:<user>` | sorted set | connection key → deadline (ms) |
@@ -20,7 +24,17 @@
 //! Every multi-step write of a channel is one Lua script that also publishes the matching
 //! event, and scripts take time from Redis (`TIME`), never from a replica's clock, so
 //! replicas with skewed clocks agree on presence deadlines.
+//!
+//! No script's work grows with what a channel holds: history is indexed by id, so a
+//! delete looks its message up instead of scanning, and trimming pops the oldest by
+//! sequence number. The history count and byte caps bound what one append may trim. A
+//! channel still holding the original's list (`chat:<ch>:messages`) is moved into the
+//! indexed layout in small steps (at most [`MIGRATE_ENTRIES`] entries or
+//! [`MIGRATE_BYTES`] per script call) before anything else touches its history: each
+//! history script first checks that the list is gone and otherwise answers `-1`, and the
+//! caller migrates and retries.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,8 +42,8 @@ use redis::Script;
 
 use super::connection::Conn;
 use super::{
-    Deleted, PresenceEntry, PresenceMember, RateOutcome, RateStore, Store, StoreError, StoreResult,
-    StoreSettings,
+    Appended, Deleted, NewEntry, PresenceEntry, PresenceMember, RateOutcome, RateStore, Store,
+    StoreError, StoreResult, StoreSettings,
 };
 use crate::chat::model::{ChannelName, MessageId, Username};
 
@@ -58,8 +72,22 @@ impl Keys {
         }
     }
 
-    pub fn history(&self, ch: &ChannelName) -> String {
+    /// The original's history list; only read to migrate it.
+    pub fn legacy_history(&self, ch: &ChannelName) -> String {
         self.scoped("chat", ch.as_str()) + "messages"
+    }
+
+    /// The history's keys in the order the history scripts take them: ids, entries,
+    /// owners, meta, and the original's list.
+    pub fn history(&self, ch: &ChannelName) -> [String; 5] {
+        let scope = self.scoped("chat", ch.as_str());
+        [
+            scope.clone() + "ids",
+            scope.clone() + "entries",
+            scope.clone() + "owners",
+            scope + "meta",
+            self.legacy_history(ch),
+        ]
     }
 
     pub fn events(&self, ch: &str) -> String {
@@ -104,11 +132,14 @@ impl Keys {
 /// Milliseconds now, from Redis's clock. Shared prelude of the presence scripts.
 const NOW_MS: &str = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
+/// Answers `-1` (and does nothing) while the channel still holds the original's list.
+/// Prelude of every script that takes the history's keys.
+const NOT_MIGRATED: &str = "if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end\n";
+
 /// KEYS: history. ARGV: limit, byte budget. The newest entries, newest first, read a page
-/// at a time so that a channel of large media never has to come back whole; stops at
-/// `limit` entries or before the budget would be exceeded (the newest entry always comes
-/// back). Atomic, so concurrent appends cannot shift a page under it. Returns
-/// {truncated (0/1), entries}.
+/// at a time; stops at `limit` entries or before the budget would be exceeded (sizes are
+/// read with `HSTRLEN`, so an entry that does not fit is never loaded; the newest entry
+/// always comes back). Returns {truncated (0/1), entries}.
 const HISTORY: &str = r"
 local limit = tonumber(ARGV[1])
 local budget = tonumber(ARGV[2])
@@ -117,14 +148,18 @@ local used = 0
 local start = 0
 while #out < limit do
   local stop = math.min(start + 15, limit - 1)
-  local items = redis.call('LRANGE', KEYS[1], start, stop)
-  if #items == 0 then break end
-  for _, item in ipairs(items) do
-    if #out > 0 and used + #item > budget then
+  local ids = redis.call('ZREVRANGE', KEYS[1], start, stop)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local size = redis.call('HSTRLEN', KEYS[2], id)
+    if #out > 0 and used + size > budget then
       return {1, out}
     end
-    used = used + #item
-    out[#out + 1] = item
+    local item = redis.call('HGET', KEYS[2], id)
+    if item then
+      used = used + #item
+      out[#out + 1] = item
+    end
   end
   start = stop + 1
 end
@@ -152,18 +187,39 @@ redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
 return {1, math.floor((now - allow_at) / emission), 0, new_tat - now}
 ";
 
-/// KEYS: history. ARGV: entry, cap, ttl secs, bus channel, event, touch. `touch` is `1`
-/// when this replica has not refreshed the channel's TTL and registry entry for a while;
-/// a new list (length 1) always gets its TTL, so no history key is ever left without one.
-/// Returns 1 when the caller should (re-)register the channel.
+/// KEYS: history. ARGV: id, owner, entry, count cap, byte cap, ttl secs, bus channel,
+/// event, touch, create. `touch` is `1` when this replica has not refreshed the channel's
+/// TTL and registry entry for a while; a new channel always gets its TTL, so no history
+/// key is ever left without one. Without `create`, a channel with no history is left
+/// alone (answer 2). The oldest entries go while the history is over either cap; the
+/// newest always stays. Returns 1 when the caller should (re-)register the channel.
 const APPEND: &str = r"
-local len = redis.call('LPUSH', KEYS[1], ARGV[1])
-redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
-local touch = ARGV[6] == '1' or len == 1
-if touch then
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
+local count = redis.call('ZCARD', KEYS[1])
+if count == 0 then
+  if ARGV[10] ~= '1' then return 2 end
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
+redis.call('ZADD', KEYS[1], seq, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+local bytes = tonumber(redis.call('HGET', KEYS[4], 'bytes') or '0') + #ARGV[3]
+count = count + 1
+local cap = tonumber(ARGV[4])
+local byte_cap = tonumber(ARGV[5])
+while count > cap or (bytes > byte_cap and count > 1) do
+  local oldest = redis.call('ZPOPMIN', KEYS[1])[1]
+  bytes = bytes - redis.call('HSTRLEN', KEYS[2], oldest)
+  redis.call('HDEL', KEYS[2], oldest)
+  redis.call('HDEL', KEYS[3], oldest)
+  count = count - 1
+end
+redis.call('HSET', KEYS[4], 'bytes', bytes)
+local touch = ARGV[9] == '1' or seq == 1
+if touch then
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+end
+redis.call('PUBLISH', ARGV[7], ARGV[8])
 if touch then return 1 end
 return 0
 ";
@@ -186,35 +242,92 @@ const TOUCH_MEMORY: usize = 10_000;
 
 /// KEYS: history. ARGV: message id, bus channel, event, owner (empty: anyone's).
 /// Returns 1 deleted, 3 deleted the last entry, 0 not found, 2 found but owned by someone
-/// else.
-/// Scans newest first, a page at a time (entries can be large), for entries holding the
-/// quoted id (so compact and spaced JSON, ours and the original's, both match); a decode
-/// confirms the match. The id is checked by the caller to be letters, digits and `-`.
-const DELETE: &str = r#"
-local needle = '"' .. ARGV[1] .. '"'
-local len = redis.call('LLEN', KEYS[1])
-local start = 0
-while start < len do
- local items = redis.call('LRANGE', KEYS[1], start, start + 49)
- start = start + 50
- for _, item in ipairs(items) do
-  if string.find(item, needle, 1, true) then
-    local ok, decoded = pcall(cjson.decode, item)
-    if ok and type(decoded) == 'table' and decoded['message_id'] == ARGV[1] then
-      if ARGV[4] ~= '' and decoded['sender'] ~= ARGV[4] then
-        return 2
-      end
-      redis.call('LREM', KEYS[1], 1, item)
-      redis.call('PUBLISH', ARGV[2], ARGV[3])
-      if redis.call('EXISTS', KEYS[1]) == 0 then
-        return 3
-      end
-      return 1
-    end
-  end
- end
+/// else. Looks the id up in the owners hash: no entry is read.
+const DELETE: &str = r"
+local owner = redis.call('HGET', KEYS[3], ARGV[1])
+if not owner then return 0 end
+if ARGV[4] ~= '' and owner ~= ARGV[4] then return 2 end
+local size = redis.call('HSTRLEN', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  return 3
 end
-return 0
+redis.call('HINCRBY', KEYS[4], 'bytes', -size)
+return 1
+";
+
+/// What a history script answers while the channel still holds the original's list.
+const NOT_MIGRATED_ANSWER: i64 = -1;
+/// Migrations a history call runs before giving up (another writer of the original's
+/// layout keeps adding to the list).
+const MIGRATE_RETRIES: usize = 3;
+
+/// Most entries and bytes one migration step moves (at least one entry).
+const MIGRATE_ENTRIES: usize = 32;
+const MIGRATE_BYTES: usize = 1 << 20;
+
+/// KEYS: history. ARGV: most entries, most bytes, ttl secs. Moves the newest entries of
+/// the original's list into the indexed layout, below everything already there (so a
+/// channel that was written to in the new layout during a rolling upgrade keeps those
+/// newer messages on top). The id and sender are found in the entry's text without
+/// decoding it (entries can be megabytes of media); entries without an id, or with one
+/// already taken, get `legacy-<n>`. Returns how many entries are left to move.
+const MIGRATE: &str = r#"
+local function field(entry, name)
+  local key = '"' .. name .. '"'
+  local from = 1
+  while true do
+    local s, e = string.find(entry, key, from, true)
+    if not s then return nil end
+    local colon = string.match(entry, '^%s*:%s*"', e + 1)
+    if colon then
+      local start = e + 1 + #colon
+      local i = start
+      local escaped = false
+      while true do
+        local q = string.find(entry, '["\\]', i)
+        if not q then return nil end
+        if string.sub(entry, q, q) == '"' then
+          local raw = string.sub(entry, start, q - 1)
+          if not escaped then return raw end
+          local ok, value = pcall(cjson.decode, '"' .. raw .. '"')
+          if ok and type(value) == 'string' then return value end
+          return nil
+        end
+        escaped = true
+        i = q + 2
+      end
+    end
+    from = e + 1
+  end
+end
+local most = tonumber(ARGV[1])
+local budget = tonumber(ARGV[2])
+local bytes = tonumber(redis.call('HGET', KEYS[4], 'bytes') or '0')
+local moved = 0
+local moved_bytes = 0
+while moved < most and moved_bytes < budget do
+  local item = redis.call('LPOP', KEYS[5])
+  if not item then break end
+  local seq = redis.call('HINCRBY', KEYS[4], 'low', -1)
+  local id = field(item, 'message_id')
+  if not id or id == '' or redis.call('ZSCORE', KEYS[1], id) then
+    id = 'legacy' .. seq
+  end
+  redis.call('ZADD', KEYS[1], seq, id)
+  redis.call('HSET', KEYS[2], id, item)
+  redis.call('HSET', KEYS[3], id, field(item, 'sender') or '')
+  bytes = bytes + #item
+  moved = moved + 1
+  moved_bytes = moved_bytes + #item
+end
+redis.call('HSET', KEYS[4], 'bytes', bytes)
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+return redis.call('LLEN', KEYS[5])
 "#;
 
 /// KEYS: channels. ARGV: history ttl secs. Drops entries whose history has expired.
@@ -314,6 +427,7 @@ struct Scripts {
     typing: Script,
     rate: Script,
     history: Script,
+    migrate: Script,
 }
 
 impl Scripts {
@@ -329,16 +443,18 @@ impl Scripts {
         };
         let plain = |body: &str| Script::new(&publish(body));
         let timed = |body: &str| Script::new(&format!("{NOW_MS}{}", publish(body)));
+        let migrated = |body: &str| Script::new(&format!("{NOT_MIGRATED}{}", publish(body)));
         Self {
-            append: plain(APPEND),
+            append: migrated(APPEND),
             register: plain(REGISTER),
-            delete: plain(DELETE),
+            delete: migrated(DELETE),
             channels: plain(CHANNELS),
             join: timed(JOIN),
             leave: timed(LEAVE),
             refresh: timed(REFRESH),
             rate: timed(RATE),
-            history: plain(HISTORY),
+            history: migrated(HISTORY),
+            migrate: plain(MIGRATE),
             online: timed(ONLINE),
             typing: plain(TYPING),
         }
@@ -478,7 +594,9 @@ impl RedisStore {
                 other => break other?,
             }
         };
+        let answer = answers.first().copied().unwrap_or(0);
         if let (Some(wait), Some(&acked)) = (wait, answers.get(1))
+            && answer != NOT_MIGRATED_ANSWER
             && acked < i64::from(wait.replicas)
         {
             return Err(redis::RedisError::from((
@@ -487,31 +605,95 @@ impl RedisStore {
                 format!("{acked} of {} within {} ms", wait.replicas, wait.timeout_ms),
             )));
         }
-        Ok(answers.first().copied().unwrap_or(0))
+        Ok(answer)
+    }
+
+    /// Moves the original's history list of `channel` into the indexed layout, one
+    /// bounded step per call, until it is gone.
+    async fn migrate(&self, channel: &ChannelName) -> redis::RedisResult<()> {
+        let keys = self.keys.history(channel);
+        let mut conn = self.conn.clone();
+        let mut steps = 0u64;
+        loop {
+            let left: i64 = self
+                .scripts
+                .migrate
+                .key(&keys[..])
+                .arg(MIGRATE_ENTRIES)
+                .arg(MIGRATE_BYTES)
+                .arg(self.settings.history_ttl_secs)
+                .invoke_async(&mut conn)
+                .await?;
+            steps += 1;
+            if left == 0 {
+                tracing::info!(channel = %channel, steps, "moved the original's history into the indexed layout");
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs a history script (`run` builds and sends it), migrating the channel first
+    /// when the script answers that it still holds the original's list.
+    async fn migrated<T, F, Fut>(&self, channel: &ChannelName, run: F) -> redis::RedisResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<(i64, T)>>,
+    {
+        for _ in 0..MIGRATE_RETRIES {
+            let (answer, value) = run().await?;
+            if answer != NOT_MIGRATED_ANSWER {
+                return Ok(value);
+            }
+            self.migrate(channel).await?;
+        }
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "history kept reappearing in the original's layout",
+        )))
     }
 }
 
 #[async_trait]
 impl Store for RedisStore {
     #[tracing::instrument(level = "debug", name = "redis.append", skip_all, fields(db.system = "redis"))]
-    async fn append(&self, channel: &ChannelName, entry: &str, event: &[u8]) -> StoreResult<()> {
+    async fn append(
+        &self,
+        channel: &ChannelName,
+        entry: NewEntry<'_>,
+        event: &[u8],
+        create: bool,
+    ) -> StoreResult<Appended> {
         let timer = Timer::start("append");
         let touch = self.needs_touch(channel);
-        let mut script = redis::cmd("EVALSHA");
-        script
-            .arg(self.scripts.append.get_hash())
-            .arg(1)
-            .arg(self.keys.history(channel))
-            .arg(entry)
-            .arg(self.settings.history_max)
-            .arg(self.settings.history_ttl_secs)
-            .arg(self.keys.events(channel.as_str()))
-            .arg(event)
-            .arg(if touch { "1" } else { "0" });
-        let register = self.run_append(script).await.map_err(|e| timer.failed(e))?;
+        let keys = self.keys.history(channel);
+        let events = self.keys.events(channel.as_str());
+        let answer = self
+            .migrated(channel, || {
+                let mut script = redis::cmd("EVALSHA");
+                script
+                    .arg(self.scripts.append.get_hash())
+                    .arg(keys.len())
+                    .arg(&keys[..])
+                    .arg(entry.id)
+                    .arg(entry.owner)
+                    .arg(entry.json)
+                    .arg(self.settings.history_max)
+                    .arg(self.settings.history_max_bytes)
+                    .arg(self.settings.history_ttl_secs)
+                    .arg(&events)
+                    .arg(event)
+                    .arg(if touch { "1" } else { "0" })
+                    .arg(if create { "1" } else { "0" });
+                async move { self.run_append(script).await.map(|a| (a, a)) }
+            })
+            .await
+            .map_err(|e| timer.failed(e))?;
         timer.succeeded();
+        if answer == 2 {
+            return Ok(Appended::WouldCreate);
+        }
         let mut conn = self.conn.clone();
-        if register == 1 {
+        if answer == 1 {
             // The message is stored; a registry that is briefly behind only delays the
             // channel's listing, and the next append retries.
             let registered = self
@@ -528,7 +710,7 @@ impl Store for RedisStore {
                 }
             }
         }
-        Ok(())
+        Ok(Appended::Stored)
     }
 
     #[tracing::instrument(level = "debug", name = "redis.history", skip_all, fields(db.system = "redis"))]
@@ -539,14 +721,23 @@ impl Store for RedisStore {
         max_bytes: usize,
     ) -> StoreResult<(Vec<String>, bool)> {
         let timer = Timer::start("history");
-        let mut conn = self.conn.clone();
+        let keys = self.keys.history(channel);
         let (truncated, mut entries): (i64, Vec<String>) = self
-            .scripts
-            .history
-            .key(self.keys.history(channel))
-            .arg(limit.max(1))
-            .arg(max_bytes)
-            .invoke_async(&mut conn)
+            .migrated(channel, || async {
+                let mut conn = self.conn.clone();
+                let answer: redis::Value = self
+                    .scripts
+                    .history
+                    .key(&keys[..])
+                    .arg(limit.max(1))
+                    .arg(max_bytes)
+                    .invoke_async(&mut conn)
+                    .await?;
+                if answer == redis::Value::Int(NOT_MIGRATED_ANSWER) {
+                    return Ok((NOT_MIGRATED_ANSWER, (0, Vec::new())));
+                }
+                Ok((0, redis::from_redis_value(answer)?))
+            })
             .await
             .map_err(|e| timer.failed(e))
             .inspect(|_| timer.succeeded())?;
@@ -563,19 +754,27 @@ impl Store for RedisStore {
         event: &[u8],
     ) -> StoreResult<Deleted> {
         let timer = Timer::start("delete");
-        let mut conn = self.conn.clone();
+        let keys = self.keys.history(channel);
+        let events = self.keys.events(channel.as_str());
         let outcome = self
-            .scripts
-            .delete
-            .key(self.keys.history(channel))
-            .arg(id.as_str())
-            .arg(self.keys.events(channel.as_str()))
-            .arg(event)
-            .arg(owner.unwrap_or(""))
-            .invoke_async::<i64>(&mut conn)
+            .migrated(channel, || async {
+                let mut conn = self.conn.clone();
+                let n: i64 = self
+                    .scripts
+                    .delete
+                    .key(&keys[..])
+                    .arg(id.as_str())
+                    .arg(&events)
+                    .arg(event)
+                    .arg(owner.unwrap_or(""))
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok((n, n))
+            })
             .await
             .map_err(|e| timer.failed(e))
             .inspect(|_| timer.succeeded())?;
+        let mut conn = self.conn.clone();
         if outcome == 3 {
             // The history is gone: drop the channel from the listing (an append racing
             // with this registers it again on this replica's next touch).
@@ -791,15 +990,178 @@ impl RateStore for RedisStore {
     }
 }
 
+/// One Redis primary's memory, from `INFO memory`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeMemory {
+    pub used: u64,
+    /// `maxmemory`; 0 when unlimited.
+    pub max: u64,
+    pub policy: String,
+}
+
+impl NodeMemory {
+    /// Whether the policy can evict chatgate's keys: every one but `noeviction` can,
+    /// since all of them (rate budgets, presence, history) carry a TTL.
+    pub fn evicts(&self) -> bool {
+        self.policy != "noeviction"
+    }
+
+    /// Whether used memory has passed `ratio` of `maxmemory`.
+    pub fn past(&self, ratio: f64) -> bool {
+        self.max > 0 && self.used as f64 >= ratio * self.max as f64
+    }
+
+    fn parse(info: &str) -> Option<Self> {
+        let field = |name: &str| {
+            info.lines().find_map(|line| {
+                line.strip_prefix(name)?
+                    .strip_prefix(':')
+                    .map(|v| v.trim().to_string())
+            })
+        };
+        Some(Self {
+            used: field("used_memory")?.parse().ok()?,
+            max: field("maxmemory")?.parse().ok()?,
+            policy: field("maxmemory_policy")?,
+        })
+    }
+}
+
+/// Every text in an answer: one `INFO` reply, or (in a cluster) one per primary.
+fn texts(value: redis::Value, out: &mut Vec<String>) {
+    match value {
+        redis::Value::BulkString(bytes) => out.push(String::from_utf8_lossy(&bytes).into_owned()),
+        redis::Value::VerbatimString { text, .. } | redis::Value::SimpleString(text) => {
+            out.push(text);
+        }
+        redis::Value::Array(items) | redis::Value::Set(items) => {
+            items.into_iter().for_each(|v| texts(v, out));
+        }
+        redis::Value::Map(pairs) => pairs.into_iter().for_each(|(_, v)| texts(v, out)),
+        _ => {}
+    }
+}
+
+impl RedisStore {
+    /// The memory of every primary (`INFO memory`; in a cluster, every primary answers).
+    ///
+    /// # Errors
+    /// Redis did not answer, or answered something that is not an `INFO` report.
+    pub async fn memory(&self) -> StoreResult<Vec<NodeMemory>> {
+        let mut conn = self.conn.clone();
+        let answer: redis::Value = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut reports = Vec::new();
+        texts(answer, &mut reports);
+        let nodes: Option<Vec<NodeMemory>> =
+            reports.iter().map(|text| NodeMemory::parse(text)).collect();
+        match nodes {
+            Some(nodes) if !nodes.is_empty() => Ok(nodes),
+            _ => Err(StoreError(
+                "INFO memory answered without memory fields".into(),
+            )),
+        }
+    }
+
+    /// Reads Redis's memory every `every` until `stop` and marks `capacity` full while
+    /// any primary is past `ratio` of its `maxmemory`. A failed reading keeps the last
+    /// state (the store's own errors show elsewhere).
+    pub async fn watch_capacity(
+        self: Arc<Self>,
+        capacity: Arc<super::Capacity>,
+        ratio: f64,
+        every: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let nodes = match self.memory().await {
+                Ok(nodes) => nodes,
+                Err(e) => {
+                    tracing::debug!(error = %e.0, "Redis memory not read");
+                    continue;
+                }
+            };
+            let full = nodes.iter().any(|n| n.past(ratio));
+            if full != capacity.is_full() {
+                if full {
+                    tracing::warn!(
+                        ratio,
+                        ?nodes,
+                        "Redis is nearly full: refusing new media (storage_full)"
+                    );
+                } else {
+                    tracing::info!(?nodes, "Redis has room again: media accepted");
+                }
+            }
+            capacity.set_full(full);
+            crate::metrics::store_full(full);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn info_memory_parses_and_judges_policies() {
+        let info = "# Memory\r\nused_memory:900\r\nused_memory_human:900B\r\nmaxmemory:1000\r\nmaxmemory_human:1000B\r\nmaxmemory_policy:allkeys-lru\r\n";
+        let node = NodeMemory::parse(info).unwrap();
+        assert_eq!(node.used, 900);
+        assert_eq!(node.max, 1000);
+        assert!(node.evicts());
+        assert!(node.past(0.9));
+        assert!(!node.past(0.95));
+        let unlimited = NodeMemory {
+            used: 10,
+            max: 0,
+            policy: "noeviction".into(),
+        };
+        assert!(!unlimited.evicts());
+        assert!(!unlimited.past(0.01), "no maxmemory, no guard");
+        assert_eq!(NodeMemory::parse("used_memory:1\r\n"), None);
+
+        let mut found = Vec::new();
+        let cluster = redis::Value::Map(vec![
+            (
+                redis::Value::SimpleString("a:1".into()),
+                redis::Value::BulkString(info.as_bytes().to_vec()),
+            ),
+            (
+                redis::Value::SimpleString("b:2".into()),
+                redis::Value::VerbatimString {
+                    format: redis::VerbatimFormat::Text,
+                    text: info.into(),
+                },
+            ),
+        ]);
+        texts(cluster, &mut found);
+        assert_eq!(found.len(), 2);
+    }
+
+    #[test]
     fn keys_follow_the_original_layout_and_parse_back() {
         let keys = Keys::new("", false);
         let ch = ChannelName::parse("general").unwrap();
-        assert_eq!(keys.history(&ch), "chat:general:messages");
+        assert_eq!(
+            keys.history(&ch),
+            [
+                "chat:general:ids",
+                "chat:general:entries",
+                "chat:general:owners",
+                "chat:general:meta",
+                "chat:general:messages"
+            ]
+        );
         assert_eq!(
             keys.typing(&ch, &Username::parse("bob").unwrap()),
             "typing:general:bob"
@@ -811,7 +1173,7 @@ mod tests {
         assert_eq!(keys.channel_of_events("other"), None);
 
         let keys = Keys::new("t1:", false);
-        assert_eq!(keys.history(&ch), "t1:chat:general:messages");
+        assert_eq!(keys.legacy_history(&ch), "t1:chat:general:messages");
         assert_eq!(keys.channel_of_events("t1:chat:x:events"), Some("x"));
         assert_eq!(keys.channel_of_events("chat:x:events"), None);
     }
@@ -821,16 +1183,16 @@ mod tests {
         let keys = Keys::new("t1:", true);
         let ch = ChannelName::parse("general").unwrap();
         let user = Username::parse("bob").unwrap();
-        let all = [
-            keys.history(&ch),
+        let mut all = vec![
             keys.events(ch.as_str()),
             keys.presence_users(&ch),
             keys.presence_conns(&ch, "bob"),
             keys.typing(&ch, &user),
         ];
-        assert_eq!(all[0], "t1:chat:{general}:messages");
-        assert_eq!(all[3], "t1:chat:{general}:presence:bob");
-        assert_eq!(all[4], "t1:typing:{general}:bob");
+        all.extend(keys.history(&ch));
+        assert_eq!(all[2], "t1:chat:{general}:presence:bob");
+        assert_eq!(all[3], "t1:typing:{general}:bob");
+        assert_eq!(all[8], "t1:chat:{general}:messages");
         for key in &all {
             // The hash tag is the first {...}: the channel name, for every key.
             let tag = &key[key.find('{').unwrap() + 1..key.find('}').unwrap()];

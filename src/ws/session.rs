@@ -29,7 +29,8 @@ use crate::limits::payload::{PayloadBudget, PayloadPermit};
 pub mod close_code {
     /// Server shutting down: reconnect (with backoff and jitter).
     pub const GOING_AWAY: u16 = 1001;
-    /// A message over `ws.max_message_bytes`.
+    /// A message over `ws.max_message_bytes`, or a frame other than an image or audio
+    /// message over `ws.max_frame_bytes` (after an error frame `frame_too_large`).
     pub const TOO_BIG: u16 = 1009;
     /// The client did not read its frames fast enough (its queue filled up).
     pub const TRY_AGAIN_LATER: u16 = 1013;
@@ -289,6 +290,17 @@ where
             let on = matches!(typing, ClientFrame::TypingStart);
             return typing_frame(sink, conn, on, settings, refused).await;
         }
+        Err(e) if e.code == "frame_too_large" => {
+            // Padding a small frame kind to a media's size is never a mistake a client
+            // makes twice: say why, close with 1009, and bar the address like a flood.
+            crate::metrics::message_refused(e.code);
+            let _ = send_frame(sink, &ServerFrame::error(e.code, e.detail), settings).await;
+            if let (Some(limits), Some(ip)) = (&settings.limits, settings.client_ip) {
+                limits.penalize(ip);
+            }
+            close(sink, close_code::TOO_BIG, "frame too large", settings).await;
+            return Step::Stop("frame_too_large");
+        }
         Err(e) => {
             crate::metrics::message_refused(e.code);
             let frame = ServerFrame::error(e.code, e.detail);
@@ -382,6 +394,15 @@ fn error_frame(conn: &Connection, error: ChatError) -> ServerFrame {
                 u64::try_from(verdict.retry_after.as_millis())
                     .unwrap_or(u64::MAX)
                     .max(1),
+            ),
+            client_id: None,
+        },
+        e @ ChatError::StorageFull => ServerFrame::Error {
+            code,
+            detail: e.to_string(),
+            retry_after_ms: Some(
+                u64::try_from(crate::chat::service::STORAGE_FULL_RETRY.as_millis())
+                    .unwrap_or(u64::MAX),
             ),
             client_id: None,
         },

@@ -521,3 +521,19 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// A valid PNG data URL of about `bytes` decoded bytes (a 1x1 header, then padding).
+pub fn png(bytes: usize) -> String {
+    let mut data = b"\x89PNG\r\n\x1a\n".to_vec();
+    data.extend_from_slice(&13u32.to_be_bytes());
+    data.extend_from_slice(b"IHDR");
+    data.extend_from_slice(&1u32.to_be_bytes());
+    data.extend_from_slice(&1u32.to_be_bytes());
+    data.extend_from_slice(&[8, 2, 0, 0, 0, 0, 0, 0, 0]);
+    data.resize(bytes, 0);
+    use base64::Engine;
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(data)
+    )
+}

@@ -4,14 +4,12 @@
 
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{TestApp, WAIT, WsClient};
+use crate::helpers::{TestApp, WAIT, WsClient, png};
 
 /// `{"type":<kind>,"content":"x","pad":[{},{},...]}` of about `bytes` bytes.
 fn padded(kind: &str, bytes: usize) -> String {
@@ -20,18 +18,6 @@ fn padded(kind: &str, bytes: usize) -> String {
         r#"{{"type":"{kind}","content":"x","pad":[{}]}}"#,
         pad.trim_end_matches(',')
     )
-}
-
-/// A valid PNG data URL of about `bytes` decoded bytes (a 1x1 header, then padding).
-fn png(bytes: usize) -> String {
-    let mut data = b"\x89PNG\r\n\x1a\n".to_vec();
-    data.extend_from_slice(&13u32.to_be_bytes());
-    data.extend_from_slice(b"IHDR");
-    data.extend_from_slice(&1u32.to_be_bytes());
-    data.extend_from_slice(&1u32.to_be_bytes());
-    data.extend_from_slice(&[8, 2, 0, 0, 0, 0, 0, 0, 0]);
-    data.resize(bytes, 0);
-    format!("data:image/png;base64,{}", STANDARD.encode(data))
 }
 
 /// This process's resident set, in bytes (the app runs in the test process).
@@ -67,17 +53,21 @@ async fn frames_until(watcher: &mut WsClient, marker: &str) -> Vec<Value> {
 }
 
 #[tokio::test]
-async fn padded_frames_get_frame_too_large_and_peers_receive_nothing() {
+async fn padded_frames_get_frame_too_large_close_1009_and_peers_receive_nothing() {
     let app = TestApp::spawn(None, &[]).await;
-    let mut attacker = app.ws("mallory", "general").await;
     let mut peer = app.ws("peer", "general").await;
-    let _ = attacker.next_of("user_joined").await;
     for kind in ["typing_start", "message"] {
+        let mut attacker = app.ws("mallory", "general").await;
+        while peer.next_of("user_joined").await["username"] != "mallory" {}
         attacker.send_text(&padded(kind, 2 << 20)).await;
         let refused = attacker.next_of("error").await;
         assert_eq!(refused["code"], "frame_too_large", "{kind}: {refused}");
+        let close = attacker.closed().await.expect("a close frame");
+        assert_eq!(u16::from(close.code), 1009, "{kind}: {close:?}");
+        while peer.next_of("user_left").await["username"] != "mallory" {}
     }
-    attacker.say("sentinel", "c1").await;
+    let mut sender = app.ws("sender", "general").await;
+    sender.say("sentinel", "c1").await;
     let before = frames_until(&mut peer, "sentinel").await;
     assert!(
         before

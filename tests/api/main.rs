@@ -11,6 +11,7 @@ mod helpers;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod quotas;
 mod reliability;
 mod replicas;
 mod rest;

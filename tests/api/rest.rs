@@ -123,14 +123,11 @@ async fn history_default_limit_is_50_and_cap_holds() {
     assert_eq!(body["total_count"], 60, "capped at history_max");
     let mut conn = redis.connection().await;
     let ttl: i64 = redis::cmd("TTL")
-        .arg("chat:busy:messages")
+        .arg("chat:busy:entries")
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!(
-        ttl > 2_500_000,
-        "30-day TTL on the original's key, got {ttl}"
-    );
+    assert!(ttl > 2_500_000, "30-day TTL on the history, got {ttl}");
 }
 
 #[tokio::test]

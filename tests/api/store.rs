@@ -9,7 +9,7 @@ use chatgate::bus::{Bus, Deliver};
 use chatgate::chat::model::{ChannelName, MessageId, Username};
 use chatgate::store::memory::MemoryStore;
 use chatgate::store::redis::{Keys, RedisStore};
-use chatgate::store::{Deleted, PresenceMember, Store, StoreSettings};
+use chatgate::store::{Appended, Deleted, NewEntry, PresenceMember, Store, StoreSettings};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -79,6 +79,7 @@ impl Recorder {
 fn settings() -> StoreSettings {
     StoreSettings {
         history_max: 5,
+        history_max_bytes: 2000,
         history_ttl_secs: 3600,
         presence_ttl_ms: 400,
         typing_ttl_secs: 10,
@@ -95,6 +96,22 @@ fn entry(id: &str) -> String {
     )
 }
 
+/// Appends `json` as message `id` of owner `s`, creating the channel if need be.
+async fn append(store: &dyn Store, channel: &ChannelName, id: &str, json: &str) {
+    let new = NewEntry {
+        id,
+        owner: "s",
+        json,
+    };
+    assert_eq!(
+        store
+            .append(channel, new, &event("message"), true)
+            .await
+            .unwrap(),
+        Appended::Stored
+    );
+}
+
 fn ch(name: &str) -> ChannelName {
     ChannelName::parse(name).unwrap()
 }
@@ -109,10 +126,8 @@ async fn conformance(store: Arc<dyn Store>, recorder: Arc<Recorder>) {
 
     // History: newest `history_max` kept, returned oldest first; one event per append.
     for i in 0..7 {
-        store
-            .append(&c, &entry(&format!("id{i}")), &event("message"))
-            .await
-            .unwrap();
+        let id = format!("id{i}");
+        append(&*store, &c, &id, &entry(&id)).await;
     }
     let all = 1 << 20;
     let history = store.history(&c, 10, all).await.unwrap();
@@ -153,12 +168,32 @@ async fn conformance(store: Arc<dyn Store>, recorder: Arc<Recorder>) {
             .all(|(channel, kind)| channel == "conf" && kind == "message")
     );
 
-    // Channels: those with history, sorted.
-    store
-        .append(&ch("alpha"), &entry("a"), &event("message"))
-        .await
-        .unwrap();
+    // Without `create`, a channel with no history is left alone; one with history takes
+    // the message.
+    let fresh = NewEntry {
+        id: "a",
+        owner: "s",
+        json: &entry("a"),
+    };
+    assert_eq!(
+        store
+            .append(&ch("alpha"), fresh, &event("message"), false)
+            .await
+            .unwrap(),
+        Appended::WouldCreate
+    );
+    assert_eq!(store.channels().await.unwrap(), ["conf"], "nothing stored");
+    assert_eq!(recorder.pending(), 0, "nothing published");
+    assert_eq!(
+        store
+            .append(&ch("alpha"), fresh, &event("message"), true)
+            .await
+            .unwrap(),
+        Appended::Stored
+    );
     recorder.take(1).await;
+
+    // Channels: those with history, sorted.
     assert_eq!(store.channels().await.unwrap(), ["alpha", "conf"]);
 
     // Delete by id: exact, evented, NotFound when absent, NotOwner (and nothing removed,
@@ -199,6 +234,31 @@ async fn conformance(store: Arc<dyn Store>, recorder: Arc<Recorder>) {
     );
     recorder.take(1).await;
     assert_eq!(store.channels().await.unwrap(), ["conf"]);
+
+    // The byte cap (2000) trims the oldest entries as well; the newest always stays.
+    let b = ch("bytes");
+    for i in 0..5 {
+        let id = format!("b{i}");
+        append(&*store, &b, &id, &entry(&id)).await;
+    }
+    let big = entry(&"x".repeat(750));
+    append(&*store, &b, "big", &big).await;
+    let (kept, _) = store.history(&b, 10, all).await.unwrap();
+    assert!(kept.iter().map(String::len).sum::<usize>() <= 2000);
+    assert_eq!(kept.last(), Some(&big));
+    assert_eq!(kept[0], entry("b2"), "the two oldest went: {kept:?}");
+    let huge = entry(&"y".repeat(3000));
+    append(&*store, &b, "huge", &huge).await;
+    assert_eq!(store.history(&b, 10, all).await.unwrap().0, [huge]);
+    // Deleting what is left frees its bytes: a new entry is not trimmed for them.
+    assert_eq!(
+        store.delete(&b, &id("huge"), None, &deleted).await.unwrap(),
+        Deleted::Done
+    );
+    append(&*store, &b, "b9", &entry("b9")).await;
+    append(&*store, &b, "big", &big).await;
+    assert_eq!(store.history(&b, 10, all).await.unwrap().0.len(), 2);
+    recorder.take(10).await;
 
     // Presence: first join and last leave announce; other tabs publish only a marker.
     let p = ch("presence");
@@ -416,7 +476,7 @@ async fn redis_conformance(config: &chatgate::config::Config) {
         shutdown.clone(),
         &tracker,
     );
-    for channel in ["conf", "alpha", "presence"] {
+    for channel in ["conf", "alpha", "presence", "bytes"] {
         bus.subscribe(channel).await.unwrap();
     }
     assert!(bus.is_ready());
