@@ -136,6 +136,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "token_expired",
     "policy",
     "too_big",
+    "frame_too_large",
     "error",
 ];
 
