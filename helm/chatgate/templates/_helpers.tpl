@@ -391,6 +391,12 @@ valid TOML basic string.
 {{- end }}
 {{- end }}
 
+{{/* A TOML float: 1 is written 1.0, so a whole number keeps a float key's type. */}}
+{{- define "chatgate.tomlFloat" -}}
+{{- $f := float64 . }}
+{{- if eq $f (floor $f) }}{{ printf "%.1f" $f }}{{ else }}{{ $f }}{{ end }}
+{{- end }}
+
 {{/*
 The configuration file: values.config, section by section, with
 auth.enabled from .Values.auth.enabled, the [redis] keys set from
@@ -446,6 +452,8 @@ pod as environment variables (see the Deployment), never through this file.
 {{- $_ = set $memory "large_payload_budget_bytes" (int64 .) }}
 {{- $_ = set $config "memory" $memory }}
 {{- end }}
+{{- /* Keys chatgate reads as floats: written with a decimal point even when whole. */}}
+{{- $floatKeys := list "redis.storage_full_ratio" }}
 {{- range $section, $body := $config }}
 {{- if not (kindIs "map" $body) }}
 {{- fail (printf "config.%s must be a map of keys (a [%s] section)" $section $section) }}
@@ -454,7 +462,11 @@ pod as environment variables (see the Deployment), never through this file.
 [{{ $section }}]
 {{- range $key, $value := $body }}
 {{- if not (kindIs "invalid" $value) }}
+{{- if has (printf "%s.%s" $section $key) $floatKeys }}
+{{ $key }} = {{ include "chatgate.tomlFloat" $value }}
+{{- else }}
 {{ $key }} = {{ include "chatgate.tomlValue" $value }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
