@@ -263,18 +263,15 @@ too low.
 {{- end }}
 
 {{/*
-server.max_body_bytes as chatgate uses it. 0 means derived, as chatgate
-derives it: the longest valid data URL ("data:" + the longest allowed MIME
-type, 10 characters for images and 11 for audio, + ";base64," + the base64
-of chat.max_image_bytes / max_audio_bytes) or 6 x chat.max_text_bytes,
-whichever is larger, plus 16 KiB for the JSON around it. Keep in step with
-chatgate's derive_sizes.
+The largest payload chatgate derives from the media limits, as its
+derive_sizes does: the longest valid data URL ("data:" + the longest allowed
+MIME type, 10 characters for images and 11 for audio, + ";base64," + the
+base64 of chat.max_image_bytes / max_audio_bytes) or 6 x chat.max_text_bytes,
+whichever is larger, plus 16 KiB for the JSON around it (13997424 bytes with
+the defaults). server.max_body_bytes and ws.max_message_bytes left at 0 take
+this value. Keep in step with chatgate's derive_sizes.
 */}}
-{{- define "chatgate.maxBodyBytes" -}}
-{{- $set := int64 (.Values.config.server.max_body_bytes | default 0) }}
-{{- if gt $set 0 }}
-{{- $set }}
-{{- else }}
+{{- define "chatgate.derivedPayloadBytes" -}}
 {{- $chat := .Values.config.chat | default dict }}
 {{- $image := int64 (get $chat "max_image_bytes" | default 5242880) }}
 {{- $audio := int64 (get $chat "max_audio_bytes" | default 10485760) }}
@@ -282,6 +279,90 @@ chatgate's derive_sizes.
 {{- $imageUrl := add 23 (mul (div (add $image 2) 3) 4) }}
 {{- $audioUrl := add 24 (mul (div (add $audio 2) 3) 4) }}
 {{- max $imageUrl $audioUrl (mul $text 6) | add 16384 }}
+{{- end }}
+
+{{/* server.max_body_bytes as chatgate uses it: the value, or derived when 0. */}}
+{{- define "chatgate.maxBodyBytes" -}}
+{{- $set := int64 ((.Values.config.server | default dict).max_body_bytes | default 0) }}
+{{- if gt $set 0 }}{{ $set }}{{ else }}{{ include "chatgate.derivedPayloadBytes" . }}{{ end }}
+{{- end }}
+
+{{/* ws.max_message_bytes as chatgate uses it: the value, or derived when 0. */}}
+{{- define "chatgate.maxMessageBytes" -}}
+{{- $set := int64 ((.Values.config.ws | default dict).max_message_bytes | default 0) }}
+{{- if gt $set 0 }}{{ $set }}{{ else }}{{ include "chatgate.derivedPayloadBytes" . }}{{ end }}
+{{- end }}
+
+{{/*
+A Kubernetes memory quantity in bytes, rounded down: plain bytes (a number,
+or digits, optionally with an exponent: 5e8), or with a binary (Ki, Mi, Gi,
+Ti, Pi, Ei) or decimal (k, M, G, T, P, E) suffix, with an optional fraction
+(1.5Gi). Anything else (a milli suffix, a sign) fails, naming the value.
+Call with (dict "value" <quantity> "what" <the value's name, for messages>).
+*/}}
+{{- define "chatgate.quantityBytes" -}}
+{{- $v := .value }}
+{{- if or (kindIs "float64" $v) (kindIs "int64" $v) (kindIs "int" $v) }}
+{{- /* A YAML number (Helm reads it as float64; --set gives int64): bytes. */}}
+{{- int64 $v }}
+{{- else }}
+{{- $s := trim (toString $v) }}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?([eE][0-9]{1,2}|Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$" $s) }}
+{{- fail (printf "%s %q is not a memory quantity the chart can read: write bytes or a number with a suffix Ki, Mi, Gi, Ti, k, M, G or T (e.g. 512Mi, 1Gi), or set config.memory.large_payload_budget_bytes, which is otherwise derived from it" .what $s) }}
+{{- end }}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $s }}
+{{- $suffix := trimPrefix $number $s }}
+{{- /* Leading zeros off: the integer conversion would read 0512 as octal. */}}
+{{- $number = regexReplaceAll "^0+([0-9])" $number "${1}" }}
+{{- $multiplier := 1 }}
+{{- if hasPrefix "e" (lower $suffix) }}
+{{- $exponent := int (substr 1 -1 $suffix) }}
+{{- if gt $exponent 18 }}
+{{- fail (printf "%s %q is too large" .what $s) }}
+{{- end }}
+{{- range until $exponent }}{{ $multiplier = mul $multiplier 10 }}{{ end }}
+{{- else }}
+{{- $multiplier = get (dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 "E" 1000000000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 "Ei" 1152921504606846976) $suffix }}
+{{- end }}
+{{- if contains "." $number }}
+{{- mulf (float64 $number) $multiplier | floor | int64 }}
+{{- else }}
+{{- mul (int64 $number) $multiplier }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+memory.large_payload_budget_bytes to write into the configuration file, or
+nothing (chatgate's own default then applies):
+  - config.memory.large_payload_budget_bytes when set (refused below the
+    largest payload: chatgate would refuse to start);
+  - else, with a memory limit on the chatgate container, a tenth of it
+    (chatgate's sizing rule: a large payload costs several times its size at
+    its peak), but at least the largest payload (ws.max_message_bytes and
+    server.max_body_bytes, which chatgate requires): 53687091 for 512Mi,
+    107374182 for 1Gi, 214748364 for 2Gi;
+  - else nothing, unless the largest payload exceeds chatgate's default
+    budget (32 MiB, after raising the media limits): then the largest payload.
+*/}}
+{{- define "chatgate.largePayloadBudget" -}}
+{{- $memory := .Values.config.memory | default dict }}
+{{- $set := get $memory "large_payload_budget_bytes" }}
+{{- $message := int64 (include "chatgate.maxMessageBytes" .) }}
+{{- $body := int64 (include "chatgate.maxBodyBytes" .) }}
+{{- $floor := max $message $body }}
+{{- $limit := get ((.Values.resources | default dict).limits | default dict) "memory" }}
+{{- if include "chatgate.isSet" $set }}
+{{- $budget := int64 $set }}
+{{- if lt $budget $floor }}
+{{- fail (printf "config.memory.large_payload_budget_bytes=%d is below the largest payload (%d bytes: ws.max_message_bytes %d, server.max_body_bytes %d), and chatgate would refuse to start: raise it, or leave it unset to derive it from resources.limits.memory" $budget $floor $message $body) }}
+{{- end }}
+{{- $budget }}
+{{- else if include "chatgate.isSet" $limit }}
+{{- $bytes := include "chatgate.quantityBytes" (dict "value" $limit "what" "resources.limits.memory") | int64 }}
+{{- max (div $bytes 10) $floor }}
+{{- else if gt $floor 33554432 }}
+{{- $floor }}
 {{- end }}
 {{- end }}
 
@@ -310,10 +391,18 @@ valid TOML basic string.
 {{- end }}
 {{- end }}
 
+{{/* A TOML float: 1 is written 1.0, so a whole number keeps a float key's type. */}}
+{{- define "chatgate.tomlFloat" -}}
+{{- $f := float64 . }}
+{{- if eq $f (floor $f) }}{{ printf "%.1f" $f }}{{ else }}{{ $f }}{{ end }}
+{{- end }}
+
 {{/*
 The configuration file: values.config, section by section, with
-auth.enabled from .Values.auth.enabled. Keys are sorted, so the file (and
-its checksum) is stable. The HMAC secret and the PEM key file list reach the
+auth.enabled from .Values.auth.enabled, the [redis] keys set from
+.Values.redis, and memory.large_payload_budget_bytes derived from the memory
+limit unless set (chatgate.largePayloadBudget). Null keys are left out. Keys
+are sorted, so the file (and its checksum) is stable. The HMAC secret and the PEM key file list reach the
 pod as environment variables (see the Deployment), never through this file.
 */}}
 {{- define "chatgate.configToml" -}}
@@ -355,6 +444,16 @@ pod as environment variables (see the Deployment), never through this file.
 {{- end }}
 {{- $redis = merge (include "chatgate.redis.configKeys" . | fromJson) $redis }}
 {{- $_ = set $config "redis" $redis }}
+{{- $memory := get $config "memory" | default dict }}
+{{- if not (kindIs "map" $memory) }}
+{{- fail "config.memory must be a map of keys (a [memory] section)" }}
+{{- end }}
+{{- with include "chatgate.largePayloadBudget" . }}
+{{- $_ = set $memory "large_payload_budget_bytes" (int64 .) }}
+{{- $_ = set $config "memory" $memory }}
+{{- end }}
+{{- /* Keys chatgate reads as floats: written with a decimal point even when whole. */}}
+{{- $floatKeys := list "redis.storage_full_ratio" }}
 {{- range $section, $body := $config }}
 {{- if not (kindIs "map" $body) }}
 {{- fail (printf "config.%s must be a map of keys (a [%s] section)" $section $section) }}
@@ -363,7 +462,11 @@ pod as environment variables (see the Deployment), never through this file.
 [{{ $section }}]
 {{- range $key, $value := $body }}
 {{- if not (kindIs "invalid" $value) }}
+{{- if has (printf "%s.%s" $section $key) $floatKeys }}
+{{ $key }} = {{ include "chatgate.tomlFloat" $value }}
+{{- else }}
 {{ $key }} = {{ include "chatgate.tomlValue" $value }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
