@@ -2,11 +2,14 @@
 //! be. The rules are listed in the [module docs](super).
 //!
 //! Checks run cheapest first, and nothing is decoded until the length is known to fit:
-//! length → header → exact decoded size → base64 → signature → image dimensions.
+//! length → header → exact decoded size → signature (first chunk) → base64 (the rest) →
+//! image dimensions. The data is decoded a chunk at a time into one small buffer and only
+//! its first [`HEAD_BYTES`] are kept, so checking a 10 MiB clip allocates kilobytes, not
+//! another 10 MiB.
 
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-use base64::{DecodeError, Engine as _};
+use base64::{DecodeError, DecodeSliceError, Engine as _};
 use imagesize::ImageType;
 
 use super::{ContentError, ContentErrorKind};
@@ -21,6 +24,12 @@ const STRICT_BASE64: GeneralPurpose = GeneralPurpose::new(
         .with_decode_allow_trailing_bits(false)
         .with_decode_padding_mode(DecodePaddingMode::RequireCanonical),
 );
+
+/// Decoded bytes kept for the signature and image-header checks.
+const HEAD_BYTES: usize = 256 * 1024;
+/// Base64 characters decoded at a time (a multiple of 4: no chunk but the last may hold
+/// padding).
+const CHUNK_CHARS: usize = 64 * 1024;
 
 const SCHEME: &str = "data:";
 const BASE64_MARKER: &str = ";base64,";
@@ -159,23 +168,79 @@ pub fn check_media(
     }
     let (format, data) = parse_header(kind, content)?;
     check_decoded_len(data, kind, max_bytes)?;
-    let bytes = STRICT_BASE64.decode(data).map_err(base64_error)?;
-    if !(format.sniff)(&bytes) {
-        return Err(mismatch(format, &bytes));
-    }
+    let (head, decoded_bytes) = decode_head(data, format)?;
     let (width, height) = match format.image {
         Some(image) => {
-            let (width, height) = dimensions(image, &bytes, limits)?;
+            // An image whose header is not within the head (a JPEG with large metadata
+            // before its frame header) is read whole; the data is valid base64 by now.
+            let (width, height) = match dimensions(image, &head, limits) {
+                Err(e) if decoded_bytes > head.len() => {
+                    let whole = STRICT_BASE64.decode(data).map_err(base64_error)?;
+                    dimensions(image, &whole, limits).map_err(|_| e)?
+                }
+                other => other?,
+            };
             (Some(width), Some(height))
         }
         None => (None, None),
     };
     Ok(ValidMedia {
         mime: format.mime,
-        decoded_bytes: bytes.len(),
+        decoded_bytes,
         width,
         height,
     })
+}
+
+/// Decodes `data` a chunk at a time: checks the signature on the first chunk (a mismatch
+/// is refused before the rest is decoded), then that all of it is strict base64. Returns
+/// the first [`HEAD_BYTES`] decoded bytes and the decoded size.
+fn decode_head(data: &str, format: &Format) -> Result<(Vec<u8>, usize), ContentError> {
+    let mut chunk = vec![0u8; CHUNK_CHARS / 4 * 3];
+    let mut head = Vec::new();
+    let mut total = 0;
+    let chunks = data.as_bytes().chunks(CHUNK_CHARS);
+    let last = chunks.len() - 1;
+    for (i, text) in chunks.enumerate() {
+        let base = i * CHUNK_CHARS;
+        // Padding is allowed at the very end only; a chunk of its own would accept it.
+        if i < last
+            && let Some(at) = text.iter().position(|&b| b == b'=')
+        {
+            return Err(base64_error(DecodeError::InvalidByte(base + at, b'=')));
+        }
+        let n = STRICT_BASE64
+            .decode_slice(text, &mut chunk)
+            .map_err(|e| match e {
+                DecodeSliceError::DecodeError(e) => base64_error(shifted(e, base)),
+                DecodeSliceError::OutputSliceTooSmall => invalid("media data could not be decoded"),
+            })?;
+        if head.len() < HEAD_BYTES {
+            head.extend_from_slice(&chunk[..n.min(HEAD_BYTES - head.len())]);
+        }
+        if i == 0 && !(format.sniff)(&head) {
+            return Err(mismatch(format, &head));
+        }
+        total += n;
+    }
+    Ok((head, total))
+}
+
+/// A decode error of a chunk, with its offset in the whole data.
+fn shifted(error: DecodeError, base: usize) -> DecodeError {
+    match error {
+        DecodeError::InvalidByte(offset, byte) => DecodeError::InvalidByte(base + offset, byte),
+        DecodeError::InvalidLastSymbol {
+            offset,
+            symbol,
+            symbol_value,
+        } => DecodeError::InvalidLastSymbol {
+            offset: base + offset,
+            symbol,
+            symbol_value,
+        },
+        other => other,
+    }
 }
 
 /// Base64 characters needed for `max_bytes` bytes.
@@ -559,6 +624,53 @@ mod tests {
 
     fn code(kind: MediaKind, content: &str) -> &'static str {
         check(kind, content).unwrap_err().code()
+    }
+
+    #[test]
+    fn large_data_is_checked_a_chunk_at_a_time() {
+        // Audio of several chunks: the size is counted, nothing else kept.
+        let mut clip = webm();
+        clip.resize(300_000, 7);
+        let content = url("audio/webm", &clip);
+        assert_eq!(
+            check(MediaKind::Audio, &content).unwrap().decoded_bytes,
+            300_000
+        );
+
+        // A bad byte deep in the data is reported at its offset in the whole data.
+        let data_at = content.find(',').unwrap() + 1;
+        let mut bad = content.clone().into_bytes();
+        bad[data_at + 200_001] = b'*';
+        let bad = String::from_utf8(bad).unwrap();
+        let error = check(MediaKind::Audio, &bad).unwrap_err();
+        assert_eq!(error.code(), "invalid_media");
+        assert!(error.to_string().contains("offset 200001"), "{error}");
+
+        // Padding at the end of a chunk that is not the last is still refused.
+        let short = STANDARD.encode(&clip[..CHUNK_CHARS / 4 * 3 - 1]);
+        assert!(short.ends_with('='));
+        let joined = format!("data:audio/webm;base64,{short}{}", STANDARD.encode(b"abc"));
+        assert_eq!(code(MediaKind::Audio, &joined), "invalid_media");
+
+        // A mismatched signature is refused from the first chunk.
+        assert_eq!(
+            code(MediaKind::Audio, &url("audio/webm", &vec![0u8; 300_000])),
+            "media_type_mismatch"
+        );
+    }
+
+    #[test]
+    fn a_jpeg_header_beyond_the_head_is_still_read() {
+        // SOI, then comment segments (COM, at most 65535 bytes each) up to 400 kB, then
+        // the frame header.
+        let mut bytes = vec![0xFF, 0xD8];
+        while bytes.len() < 400_000 {
+            bytes.extend([0xFF, 0xFE, 0xFF, 0xFF]);
+            bytes.extend(std::iter::repeat_n(b'c', 0xFFFF - 2));
+        }
+        bytes.extend(&jpeg(3, 2)[20..]);
+        let media = check(MediaKind::Image, &url("image/jpeg", &bytes)).unwrap();
+        assert_eq!((media.width, media.height), (Some(3), Some(2)));
     }
 
     #[test]
