@@ -337,11 +337,12 @@ memory.large_payload_budget_bytes to write into the configuration file, or
 nothing (chatgate's own default then applies):
   - config.memory.large_payload_budget_bytes when set (refused below the
     largest payload: chatgate would refuse to start);
-  - else, with a memory limit on the chatgate container, a tenth of it
+  - else, with a memory limit on the chatgate container, a sixteenth of it
     (chatgate's sizing rule: a large payload costs several times its size at
-    its peak), but at least the largest payload (ws.max_message_bytes and
-    server.max_body_bytes, which chatgate requires): 53687091 for 512Mi,
-    107374182 for 1Gi, 214748364 for 2Gi;
+    its peak; the default 512Mi limit then gets chatgate's default 32 MiB,
+    the one budget measured under hostile load), but at least the largest
+    payload (ws.max_message_bytes and server.max_body_bytes, which chatgate
+    requires): 33554432 for 512Mi, 67108864 for 1Gi, 134217728 for 2Gi;
   - else nothing, unless the largest payload exceeds chatgate's default
     budget (32 MiB, after raising the media limits): then the largest payload.
 */}}
@@ -360,7 +361,7 @@ nothing (chatgate's own default then applies):
 {{- $budget }}
 {{- else if include "chatgate.isSet" $limit }}
 {{- $bytes := include "chatgate.quantityBytes" (dict "value" $limit "what" "resources.limits.memory") | int64 }}
-{{- max (div $bytes 10) $floor }}
+{{- max (div $bytes 16) $floor }}
 {{- else if gt $floor 33554432 }}
 {{- $floor }}
 {{- end }}
