@@ -1,8 +1,11 @@
-//! HTTP: the REST routes of the original API, health endpoints, and the middleware stack.
+//! HTTP: the public listener (connection caps and deadlines), the REST routes of the
+//! original API, health endpoints, and the middleware stack.
 
 pub mod body;
 pub mod caller;
 pub mod client_ip;
+pub mod deadline;
+pub mod listener;
 pub mod middleware;
 pub mod origin;
 pub mod routes;

@@ -9,6 +9,7 @@
 //! | new WebSocket connections | client IP (IPv6 by /64) | locally |
 //! | REST requests to `/api/` | client IP (IPv6 by /64) | locally |
 //! | concurrent connections | client IP, user, process | locally, released when the session ends |
+//! | concurrent TCP connections (the public listener) | peer IP (not trusted proxies), process | locally, in the accept loop ([`crate::http::listener`]) |
 //!
 //! Keyed local limiters are pruned every [`PRUNE_EVERY`]: keys whose bucket is full again
 //! are dropped, so memory follows the clients active in the last minutes, not every key
