@@ -10,6 +10,8 @@ pub mod middleware;
 pub mod origin;
 pub mod routes;
 
+use std::time::Duration;
+
 use axum::Router;
 use axum::routing::get;
 
@@ -17,9 +19,13 @@ use crate::state::AppState;
 
 /// Every route, without middleware.
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new()
-        .merge(routes::router())
-        .route("/ws/chat", get(crate::ws::connect_chat));
+    let mut router = Router::new().merge(routes::router()).route(
+        "/ws/chat",
+        get(crate::ws::connect_chat).layer(axum::middleware::from_fn_with_state(
+            Duration::from_secs(state.config.server.handshake_timeout_secs),
+            crate::ws::upgrade::within_deadline,
+        )),
+    );
     if state.config.web.enabled {
         router = router.merge(crate::web::router(state.config.auth.enabled));
     }
