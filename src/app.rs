@@ -1,10 +1,8 @@
 //! `Application`: builds everything from a `Config`, owns the listener, runs until stopped.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -291,17 +289,9 @@ impl Application {
             let hub = state.chat.hub().clone();
             background_tasks.spawn(serve_admin(admin, metrics, hub, background.clone()));
         }
-        // No Nagle: chat frames are small and latency-bound (Nagle with delayed ACKs
-        // added ~40 ms to deliveries).
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await?;
+        // Connection caps and per-phase timeouts; in-flight requests finish on shutdown.
+        let policy = crate::http::listener::ConnectionPolicy::new(&state.config);
+        crate::http::listener::serve(listener, router, policy, shutdown.clone()).await;
 
         let open = state.chat.hub().session_count();
         tracing::info!(

@@ -65,6 +65,114 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub trusted_proxies: Vec<String>,
     pub allow_dev_mode: bool,
+    /// Seconds from a request's first byte to the end of its headers.
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may send nothing: before its first request, and between
+    /// requests on keep-alive (never once upgraded to a WebSocket).
+    pub idle_timeout_secs: u64,
+    /// Seconds from a WebSocket upgrade request's headers to the 101.
+    pub handshake_timeout_secs: u64,
+    /// Concurrent TCP connections on the public listener in this process.
+    pub max_connections: u32,
+    /// Concurrent TCP connections per peer address (applied with `limits.enabled`;
+    /// trusted proxies are not capped per address).
+    pub max_connections_per_ip: u32,
+}
+
+impl ServerConfig {
+    /// The connection hygiene keys: timeouts from 1 s to a day, caps at least 1 and at
+    /// least the WebSocket caps they contain (every WebSocket is a TCP connection first).
+    fn validate_connections(&self, limits: &LimitsConfig, problems: &mut Vec<String>) {
+        let mut check = |ok: bool, problem: &str| {
+            if !ok {
+                problems.push(problem.to_string());
+            }
+        };
+        check(
+            [
+                self.header_read_timeout_secs,
+                self.idle_timeout_secs,
+                self.handshake_timeout_secs,
+            ]
+            .iter()
+            .all(|secs| (1..=86_400).contains(secs)),
+            "server.header_read_timeout_secs, idle_timeout_secs and handshake_timeout_secs \
+             must be between 1 and 86400",
+        );
+        check(
+            self.handshake_timeout_secs <= self.request_timeout_secs,
+            "server.handshake_timeout_secs must be at most server.request_timeout_secs (the \
+             request timeout would answer first)",
+        );
+        check(
+            self.max_connections >= 1 && self.max_connections_per_ip >= 1,
+            "server.max_connections and server.max_connections_per_ip must be at least 1",
+        );
+        if limits.enabled {
+            check(
+                self.max_connections >= limits.max_connections,
+                "server.max_connections must be at least limits.max_connections (each \
+                 WebSocket is a TCP connection too)",
+            );
+            check(
+                self.max_connections_per_ip >= limits.max_connections_per_ip,
+                "server.max_connections_per_ip must be at least limits.max_connections_per_ip \
+                 (each WebSocket is a TCP connection too)",
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod connection_tests {
+    use super::*;
+
+    fn load(list: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load(&tests::vars(list))
+    }
+
+    #[test]
+    fn connection_hygiene_defaults_are_bounded_and_hold_the_websocket_caps() {
+        let config = load(&[]).unwrap();
+        let server = &config.server;
+        assert!((1..=30).contains(&server.header_read_timeout_secs));
+        assert!((1..=60).contains(&server.idle_timeout_secs));
+        assert!(server.handshake_timeout_secs <= server.request_timeout_secs);
+        assert!(server.max_connections >= config.limits.max_connections);
+        assert!(server.max_connections_per_ip >= config.limits.max_connections_per_ip);
+    }
+
+    #[test]
+    fn connection_hygiene_mistakes_are_refused() {
+        let err = load(&[
+            ("CHATGATE_SERVER__IDLE_TIMEOUT_SECS", "0"),
+            ("CHATGATE_SERVER__HANDSHAKE_TIMEOUT_SECS", "40"),
+            ("CHATGATE_SERVER__MAX_CONNECTIONS", "10"),
+            ("CHATGATE_SERVER__MAX_CONNECTIONS_PER_IP", "10"),
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("idle_timeout_secs"), "{text}");
+        assert!(
+            text.contains("at most server.request_timeout_secs"),
+            "{text}"
+        );
+        assert!(text.contains("at least limits.max_connections "), "{text}");
+        assert!(
+            text.contains("at least limits.max_connections_per_ip"),
+            "{text}"
+        );
+        assert_eq!(err.0.len(), 4, "{text}");
+        // With limits off, the WebSocket caps do not apply and set no floor.
+        assert!(
+            load(&[
+                ("CHATGATE_LIMITS__ENABLED", "false"),
+                ("CHATGATE_SERVER__MAX_CONNECTIONS", "10"),
+                ("CHATGATE_SERVER__MAX_CONNECTIONS_PER_IP", "10"),
+            ])
+            .is_ok()
+        );
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -590,6 +698,7 @@ impl Config {
     /// Cross-field checks; pushes one line per problem.
     fn validate(&self, problems: &mut Vec<String>) {
         self.validate_redis(problems);
+        self.server.validate_connections(&self.limits, problems);
         let mut check = |ok: bool, msg: &str| {
             if !ok {
                 problems.push(msg.to_string());
@@ -1150,7 +1259,7 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     use super::*;
 
-    fn vars(list: &[(&str, &str)]) -> Overrides {
+    pub(super) fn vars(list: &[(&str, &str)]) -> Overrides {
         Overrides {
             dev: true,
             config_dir: Some(PathBuf::from("/nonexistent")),

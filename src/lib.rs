@@ -3,7 +3,8 @@
 //! Module map (request order):
 //! - [`config`]: layered, validated configuration.
 //! - [`app`]: `Application::build` wires everything and owns the listener.
-//! - [`http`]: the middleware stack and the REST routes of the original API.
+//! - [`http`]: the listener (connection caps, per-phase deadlines), the middleware stack
+//!   and the REST routes of the original API.
 //! - [`ws`]: the WebSocket upgrade (checks before the 101) and the session loop.
 //! - [`chat`]: validated types, events, and the service (validate → persist → publish).
 //! - [`store`]: history, presence, typing, channels (Redis or memory).

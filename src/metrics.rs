@@ -98,6 +98,19 @@ fn describe() {
         Unit::Seconds,
         "Time from a message's publication to its arrival at this replica."
     );
+    describe_gauge!(
+        "chatgate_http_connections",
+        "Open TCP connections on the public listener (REST and WebSocket)."
+    );
+    describe_counter!(
+        "chatgate_http_connections_refused_total",
+        "TCP connections refused by a connection cap of the public listener, by limit."
+    );
+    describe_counter!(
+        "chatgate_http_timeouts_total",
+        "Connections closed for sending nothing (idle) or their headers too slowly (header), \
+         and WebSocket handshakes cut off (handshake), by phase."
+    );
     describe_histogram!(
         "chatgate_http_request_duration_seconds",
         Unit::Seconds,
@@ -125,6 +138,12 @@ fn describe() {
     }
     counter!("chatgate_pubsub_reconnects_total").absolute(0);
     gauge!("chatgate_connections").set(0.0);
+    for limit in ["per_ip", "process"] {
+        counter!("chatgate_http_connections_refused_total", "limit" => limit).absolute(0);
+    }
+    for phase in ["idle", "header", "handshake"] {
+        counter!("chatgate_http_timeouts_total", "phase" => phase).absolute(0);
+    }
 }
 
 /// The `reason` values of `chatgate_connections_closed_total`.
@@ -232,4 +251,31 @@ pub fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
 /// A large payload refused because the payload budget stayed full for its whole wait.
 pub fn payload_budget_refused() {
     metrics::counter!("chatgate_payload_budget_refused_total").increment(1);
+}
+
+/// One open TCP connection on the public listener in `chatgate_http_connections`, until
+/// dropped.
+pub struct OpenHttpConnection(());
+
+impl OpenHttpConnection {
+    pub fn opened() -> Self {
+        gauge!("chatgate_http_connections").increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for OpenHttpConnection {
+    fn drop(&mut self) {
+        gauge!("chatgate_http_connections").decrement(1.0);
+    }
+}
+
+/// A TCP connection refused by a cap of the public listener: `per_ip` or `process`.
+pub fn http_connection_refused(limit: &'static str) {
+    counter!("chatgate_http_connections_refused_total", "limit" => limit).increment(1);
+}
+
+/// A connection or handshake cut off by a timeout: `idle`, `header` or `handshake`.
+pub fn http_timeout(phase: &'static str) {
+    counter!("chatgate_http_timeouts_total", "phase" => phase).increment(1);
 }

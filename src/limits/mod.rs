@@ -9,6 +9,7 @@
 //! | new WebSocket connections | client IP (IPv6 by /64) | locally |
 //! | REST requests to `/api/` | client IP (IPv6 by /64) | locally |
 //! | concurrent connections | client IP, user, process | locally, released when the session ends |
+//! | concurrent TCP connections (the public listener) | peer IP (not trusted proxies), process | locally, in the accept loop ([`crate::http::listener`]) |
 //!
 //! Keyed local limiters are pruned every [`PRUNE_EVERY`]: keys whose bucket is full again
 //! are dropped, so memory follows the clients active in the last minutes, not every key
@@ -239,14 +240,16 @@ impl<K: Hash + Eq + Clone, C: Clock> Keyed<K, C> {
     }
 }
 
-/// Why a WebSocket connection was refused by a cap.
+/// Why a connection was refused by a cap (a WebSocket session's, or a TCP connection's
+/// on the public listener).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// Too many connections from this client IP.
     PerIp,
     /// Too many connections of this user.
     PerUser,
-    /// This process holds `limits.max_connections` already.
+    /// This process holds its maximum (`limits.max_connections` for WebSocket sessions,
+    /// `server.max_connections` for TCP connections) already.
     Full,
 }
 
@@ -258,7 +261,7 @@ struct Counts {
 }
 
 /// Concurrent connection counts. Entries exist only for live connections.
-struct Caps {
+pub struct Caps {
     counts: Mutex<Counts>,
     max_total: u32,
     max_per_ip: u32,
@@ -266,10 +269,53 @@ struct Caps {
 }
 
 impl Caps {
+    /// Caps of `max_total` connections, `max_per_ip` per address (IPv6 by /64) and
+    /// `max_per_user` per user (`u32::MAX`: no cap of that kind).
+    pub fn new(max_total: u32, max_per_ip: u32, max_per_user: u32) -> Arc<Self> {
+        Arc::new(Self {
+            counts: Mutex::new(Counts::default()),
+            max_total,
+            max_per_ip,
+            max_per_user,
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         self.counts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place for a new connection from `ip` under the process and per-IP caps; `None`
+    /// counts it under the process cap only (a peer whose clients are not known yet).
+    ///
+    /// # Errors
+    /// [`Refusal::Full`] or [`Refusal::PerIp`].
+    pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Permit, Refusal> {
+        let ip = ip.map(ip_key);
+        let mut counts = self.lock();
+        if counts.total >= self.max_total {
+            return Err(Refusal::Full);
+        }
+        if let Some(ip) = ip {
+            let n = counts.per_ip.get(&ip).copied().unwrap_or(0);
+            if n >= self.max_per_ip {
+                return Err(Refusal::PerIp);
+            }
+            counts.per_ip.insert(ip, n + 1);
+        }
+        counts.total += 1;
+        drop(counts);
+        Ok(Permit {
+            caps: self.clone(),
+            ip,
+            user: None,
+        })
+    }
+
+    /// Connections holding a place.
+    pub fn open(&self) -> u32 {
+        self.lock().total
     }
 }
 
@@ -285,7 +331,7 @@ fn decrement<K: Hash + Eq>(map: &mut HashMap<K, u32>, key: &K) {
 /// A connection's place under the caps; dropping it gives the place back.
 pub struct Permit {
     caps: Arc<Caps>,
-    ip: IpAddr,
+    ip: Option<IpAddr>,
     user: Option<String>,
 }
 
@@ -312,7 +358,9 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let mut counts = self.caps.lock();
         counts.total -= 1;
-        decrement(&mut counts.per_ip, &self.ip);
+        if let Some(ip) = &self.ip {
+            decrement(&mut counts.per_ip, ip);
+        }
         if let Some(user) = &self.user {
             decrement(&mut counts.per_user, user);
         }
@@ -392,12 +440,11 @@ impl Limits {
                 config.rest_per_minute_per_ip,
                 config.rest_burst_per_ip,
             )),
-            caps: Arc::new(Caps {
-                counts: Mutex::new(Counts::default()),
-                max_total: config.max_connections,
-                max_per_ip: config.max_connections_per_ip,
-                max_per_user: config.max_connections_per_user,
-            }),
+            caps: Caps::new(
+                config.max_connections,
+                config.max_connections_per_ip,
+                config.max_connections_per_user,
+            ),
             penalties: Mutex::new(HashMap::new()),
             penalty: Duration::from_secs(config.abuse_penalty_secs),
             refusals_before_close: config.ws_close_after_refused,
@@ -554,23 +601,7 @@ impl Limits {
     /// # Errors
     /// [`Refusal::Full`] or [`Refusal::PerIp`].
     pub fn admit(&self, ip: IpAddr) -> Result<Permit, Refusal> {
-        let ip = ip_key(ip);
-        let mut counts = self.caps.lock();
-        if counts.total >= self.caps.max_total {
-            return Err(Refusal::Full);
-        }
-        let n = counts.per_ip.get(&ip).copied().unwrap_or(0);
-        if n >= self.caps.max_per_ip {
-            return Err(Refusal::PerIp);
-        }
-        counts.per_ip.insert(ip, n + 1);
-        counts.total += 1;
-        drop(counts);
-        Ok(Permit {
-            caps: self.caps.clone(),
-            ip,
-            user: None,
-        })
+        self.caps.admit(Some(ip))
     }
 
     /// Keys held by the local keyed limiters (messages, typing, connects, REST).
@@ -586,7 +617,7 @@ impl Limits {
 
     /// Open connections counted under the caps.
     pub fn open_connections(&self) -> u32 {
-        self.caps.lock().total
+        self.caps.open()
     }
 
     pub fn prune(&self) {
@@ -814,5 +845,20 @@ mod tests {
         assert!(limits.caps.lock().per_ip.is_empty());
         assert!(limits.caps.lock().per_user.is_empty());
         assert!(limits.admit(ip).unwrap().for_user("alice").is_ok());
+    }
+
+    #[test]
+    fn unkeyed_connections_count_under_the_process_cap_only() {
+        let caps = Caps::new(3, 1, u32::MAX);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let a = caps.admit(None).unwrap();
+        let b = caps.admit(None).unwrap();
+        let c = caps.admit(Some(ip)).unwrap();
+        assert_eq!(caps.admit(None).err(), Some(Refusal::Full));
+        drop(a);
+        assert_eq!(caps.admit(Some(ip)).err(), Some(Refusal::PerIp));
+        drop((b, c));
+        assert_eq!(caps.open(), 0);
+        assert!(caps.lock().per_ip.is_empty());
     }
 }

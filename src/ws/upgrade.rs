@@ -5,14 +5,19 @@
 //! The checks and answers are the ones axum's extractor makes: 405 for a method other
 //! than GET, 400 for missing or wrong `Connection`, `Upgrade`, `Sec-WebSocket-Version`
 //! or `Sec-WebSocket-Key` headers, 426 when the connection cannot be upgraded.
+//!
+//! The whole handshake, from the request's headers to the 101, is bounded by
+//! `server.handshake_timeout_secs` ([`within_deadline`]).
 
 use std::future::Future;
+use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::response::Response;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -138,5 +143,63 @@ impl Upgrade {
             );
         }
         response
+    }
+}
+
+/// Middleware: the upgrade handler must answer within `limit`, or the client gets 503
+/// `handshake_timeout` (with `Retry-After`). Cutting the handler off is safe: the join
+/// runs as its own task and is undone when its unused connection is dropped, and the
+/// session is only spawned with the 101.
+pub async fn within_deadline(
+    State(limit): State<Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            crate::metrics::http_timeout("handshake");
+            tracing::warn!(
+                limit_secs = limit.as_secs(),
+                "WebSocket refused: handshake timeout"
+            );
+            ApiError::Status {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "handshake_timeout",
+                detail: "the WebSocket handshake took too long, try again",
+            }
+            .into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handshake_past_its_deadline_gets_503_handshake_timeout() {
+        let router = Router::new().route(
+            "/ws",
+            get(std::future::pending::<&'static str>).layer(axum::middleware::from_fn_with_state(
+                Duration::from_secs(10),
+                within_deadline,
+            )),
+        );
+        let response = router
+            .oneshot(Request::get("/ws").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().contains_key(header::RETRY_AFTER));
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["code"], "handshake_timeout");
     }
 }

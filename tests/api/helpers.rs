@@ -303,6 +303,18 @@ impl TestApp {
         }
     }
 
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("http://127.0.0.1:{}/metrics", self.admin_port))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn ws(&self, username: &str, channel: &str) -> WsClient {
         WsClient::connect(self.port, username, channel).await
     }
@@ -414,6 +426,16 @@ impl WsClient {
         // Drain until the server's close arrives, so the server has seen ours.
         while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.socket.next()).await {}
     }
+}
+
+/// The value of `series` (name and labels, as rendered) in a `/metrics` text; 0 when the
+/// series is absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The keys of a JSON object, sorted.

@@ -9,6 +9,7 @@ mod content;
 mod faults;
 mod helpers;
 mod hostile;
+mod hygiene;
 mod lifecycle;
 mod limits;
 mod quotas;

@@ -17,7 +17,7 @@ use prost::Message as _;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::helpers::{Process, RedisServer, TestApp, WsClient, free_port, http_client};
+use crate::helpers::{Process, RedisServer, TestApp, WsClient, free_port, http_client, metric};
 
 const SECRET: &str = "telemetry-test-hmac-secret-of-32-bytes-at-least";
 const CONTENT_WS: &str = "secret-content-ws-7f3a";
@@ -340,24 +340,7 @@ async fn an_unreachable_collector_breaks_nothing() {
 async fn metrics_move_on_the_admin_listener_only() {
     let redis = RedisServer::start().await;
     let app = TestApp::spawn(Some(&redis), &[("CHATGATE_LIMITS__ENABLED", "true")]).await;
-    let scrape = || async {
-        http_client()
-            .get(format!("http://127.0.0.1:{}/metrics", app.admin_port))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let value = |text: &str, series: &str| -> f64 {
-        text.lines()
-            .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
-            .and_then(|line| line.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
-    let before = scrape().await;
+    let before = app.metrics().await;
     let mut ws = app.ws("meg", "metered").await;
     ws.say("hello", "c1").await;
     ws.next_of("message").await;
@@ -375,8 +358,8 @@ async fn metrics_move_on_the_admin_listener_only() {
     let closed = r#"chatgate_connections_closed_total{reason="client_closed"}"#;
     let deadline = tokio::time::Instant::now() + crate::helpers::WAIT;
     let after = loop {
-        let after = scrape().await;
-        if value(&after, closed) > value(&before, closed) {
+        let after = app.metrics().await;
+        if metric(&after, closed) > metric(&before, closed) {
             break after;
         }
         assert!(
@@ -397,7 +380,7 @@ async fn metrics_move_on_the_admin_listener_only() {
         ),
     ] {
         assert!(
-            value(&after, series) - value(&before, series) >= at_least,
+            metric(&after, series) - metric(&before, series) >= at_least,
             "{series} did not move:\n{after}"
         );
     }
