@@ -157,10 +157,13 @@ impl<'a> Envelope<'a> {
         )
     }
 
-    /// [`Envelope::encode`] for a chat message: with the publishing span's trace context
-    /// (when tracing is on) and the publication time.
-    pub fn encode_traced(
-        frame: &ServerFrame,
+    /// The bus event of a chat message, without the message: everything before the
+    /// stored entry's first field. The event is [`message_event`]`(head, entry)`: the
+    /// envelope (with the publishing span's trace context when tracing is on, and the
+    /// publication time) whose frame is the entry with `"type":"message"` in front. The
+    /// store joins the two where it publishes (inside Redis, for the Redis store), so this
+    /// process never holds a second copy of a message's content.
+    pub fn message_head(
         origin: Option<Origin<'_>>,
         client_id: Option<&str>,
         traceparent: Option<&str>,
@@ -168,15 +171,21 @@ impl<'a> Envelope<'a> {
         let sent_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
-        Self::build(
-            &frame.to_json(),
-            origin,
-            Echo::All,
-            client_id,
-            false,
-            false,
-            Some((traceparent, sent_ms)),
-        )
+        Self::head(origin, client_id, Some((traceparent, sent_ms)))
+    }
+
+    fn head(
+        origin: Option<Origin<'_>>,
+        client_id: Option<&str>,
+        traced: Option<(Option<&str>, u64)>,
+    ) -> Vec<u8> {
+        // The frame is the envelope's last field: serialize a one-byte stand-in and cut it.
+        let mut head = Self::build("0", origin, Echo::All, client_id, false, false, traced);
+        let cut = head.len() - b"0}".len();
+        debug_assert_eq!(&head[cut..], b"0}");
+        head.truncate(cut);
+        head.extend_from_slice(MESSAGE_FRAME_START);
+        head
     }
 
     /// The `user_joined` a connection's join publishes when it is the user's first.
@@ -226,6 +235,22 @@ impl<'a> Envelope<'a> {
     pub fn decode(payload: &'a [u8]) -> serde_json::Result<Self> {
         serde_json::from_slice(payload)
     }
+}
+
+/// How a message frame starts; the stored entry's fields follow (the frame is the entry
+/// with its `type` in front).
+const MESSAGE_FRAME_START: &[u8] = b"{\"type\":\"message\",";
+
+/// A chat message's bus event: `head` (from [`Envelope::message_head`]) joined to the
+/// stored entry (a JSON object): `head`, the entry without its opening `{`, and the
+/// envelope's closing `}`.
+pub fn message_event(head: &[u8], entry: &str) -> Vec<u8> {
+    let fields = entry.strip_prefix('{').unwrap_or(entry);
+    let mut event = Vec::with_capacity(head.len() + fields.len() + 1);
+    event.extend_from_slice(head);
+    event.extend_from_slice(fields.as_bytes());
+    event.push(b'}');
+    event
 }
 
 /// Adds `"client_id":<id>` to a serialized frame (a JSON object).
@@ -289,6 +314,36 @@ mod tests {
         assert_eq!(env.echo, Echo::All);
         assert_eq!(env.client_id.as_deref(), Some("c-1"));
         assert_eq!(env.frame.get(), frame.to_json());
+    }
+
+    #[test]
+    fn a_message_event_joined_from_its_head_is_the_encoded_envelope() {
+        let frame = ServerFrame::Message(message());
+        let origin = Origin {
+            replica: "r1".into(),
+            conn: 7,
+        };
+        let traced = Some((Some("00-abc-def-01"), 5));
+        let whole = Envelope::build(
+            &frame.to_json(),
+            Some(origin.clone()),
+            Echo::All,
+            Some("c\"1"),
+            false,
+            false,
+            traced,
+        );
+        let entry = serde_json::to_string(&message()).unwrap();
+        let head = Envelope::head(Some(origin), Some("c\"1"), traced);
+        assert_eq!(
+            String::from_utf8(message_event(&head, &entry)).unwrap(),
+            String::from_utf8(whole).unwrap()
+        );
+        let untraced = Envelope::head(None, None, None);
+        let event = message_event(&untraced, &entry);
+        let env = Envelope::decode(&event).unwrap();
+        assert_eq!(env.frame.get(), frame.to_json());
+        assert_eq!(env.echo, Echo::All);
     }
 
     #[test]

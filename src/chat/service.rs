@@ -122,8 +122,16 @@ impl Draft {
 /// (for RateLimit headers).
 #[derive(Debug)]
 pub struct Posted {
-    pub message: ChatMessage,
+    pub message: Stored,
     pub budget: Option<Verdict>,
+}
+
+/// A stored message as history holds it: its id, and the JSON of the original's
+/// `Message` shape (`sender, content, channel, message_type, timestamp, message_id`).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub message_id: String,
+    pub entry: String,
 }
 
 impl Draft {
@@ -325,29 +333,26 @@ impl ChatService {
         channel: &ChannelName,
         draft: Draft,
         from: Option<(u64, Option<&str>)>,
-    ) -> Result<ChatMessage, ChatError> {
-        let message = ChatMessage {
+    ) -> Result<Stored, ChatError> {
+        let message_id = MessageId::generate().to_string();
+        // The content is moved into the entry: one copy of it lives from here on.
+        let entry = serde_json::to_string(&ChatMessage {
             sender: sender.to_string(),
             content: draft.content,
             channel: channel.to_string(),
             message_type: draft.message_type.as_str().to_string(),
             timestamp: Timestamp::now(),
-            message_id: MessageId::generate().to_string(),
-        };
-        let entry = serde_json::to_string(&message).expect("messages serialize");
-        let frame = ServerFrame::Message(message);
+            message_id: message_id.clone(),
+        })
+        .expect("messages serialize");
         let traceparent = crate::telemetry::current_traceparent();
-        let event = Envelope::encode_traced(
-            &frame,
+        let event = Envelope::message_head(
             from.map(|(conn, _)| self.origin(conn)),
             from.and_then(|(_, client_id)| client_id),
             traceparent.as_deref(),
         );
-        let ServerFrame::Message(message) = frame else {
-            unreachable!("built as a message above")
-        };
         let new = NewEntry {
-            id: &message.message_id,
+            id: &message_id,
             owner: sender.as_str(),
             json: &entry,
         };
@@ -363,7 +368,7 @@ impl ChatService {
             }
             self.store.append(channel, new, &event, true).await?;
         }
-        Ok(message)
+        Ok(Stored { message_id, entry })
     }
 
     /// Deletes a message by id and tells the channel. With `owner`, only that user's
@@ -690,7 +695,7 @@ impl Connection {
         content: String,
         message_type: &str,
         client_id: Option<&str>,
-    ) -> Result<ChatMessage, ChatError> {
+    ) -> Result<Stored, ChatError> {
         let service = self.service.clone();
         let posted = service
             .post(

@@ -22,7 +22,14 @@ pub fn router(state: AppState) -> Router {
     let mut router = Router::new().merge(routes::router()).route(
         "/ws/chat",
         get(crate::ws::connect_chat).layer(axum::middleware::from_fn_with_state(
-            Duration::from_secs(state.config.server.handshake_timeout_secs),
+            // The request timeout would answer first: the shorter one is the handshake's.
+            Duration::from_secs(
+                state
+                    .config
+                    .server
+                    .handshake_timeout_secs
+                    .min(state.config.server.request_timeout_secs),
+            ),
             crate::ws::upgrade::within_deadline,
         )),
     );

@@ -194,11 +194,20 @@ impl SendMessageBody {
     }
 }
 
+/// The answer to a send: the original's `MessageResponse`, with the stored entry as
+/// `data`, written out as stored (a message can be megabytes: it is not parsed again).
+#[derive(serde::Serialize)]
+struct Sent {
+    success: bool,
+    message: &'static str,
+    data: Box<serde_json::value::RawValue>,
+}
+
 async fn send_message(
     caller: Caller,
     State(state): State<AppState>,
     body: Budgeted,
-) -> AppResult<(Option<Extension<RateHeaders>>, Json<Value>)> {
+) -> AppResult<(Option<Extension<RateHeaders>>, Json<Sent>)> {
     let Budgeted { bytes, permit } = body;
     let body = SendMessageBody::parse(&bytes, state.payloads.small())?;
     // The raw body is not needed once parsed: only its permits stay, until the send ends.
@@ -229,11 +238,12 @@ async fn send_message(
     crate::metrics::message_received("rest");
     Ok((
         posted.budget.map(|v| Extension(RateHeaders(vec![v]))),
-        Json(json!({
-            "success": true,
-            "message": "Message sent successfully",
-            "data": posted.message,
-        })),
+        Json(Sent {
+            success: true,
+            message: "Message sent successfully",
+            data: serde_json::value::RawValue::from_string(posted.message.entry)
+                .map_err(|e| ApiError::Internal(format!("stored entry is not JSON: {e}")))?,
+        }),
     ))
 }
 

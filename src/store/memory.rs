@@ -130,7 +130,7 @@ impl Store for MemoryStore {
         &self,
         channel: &ChannelName,
         entry: NewEntry<'_>,
-        event: &[u8],
+        event_head: &[u8],
         create: bool,
     ) -> StoreResult<Appended> {
         let now = now_ms();
@@ -142,7 +142,8 @@ impl Store for MemoryStore {
         let log = inner.history.entry(channel.to_string()).or_default();
         log.push(entry, now);
         log.trim(self.settings.history_max, self.settings.history_max_bytes);
-        self.bus.publish(channel.as_str(), event);
+        let event = crate::chat::event::message_event(event_head, entry.json);
+        self.bus.publish(channel.as_str(), &event);
         Ok(Appended::Stored)
     }
 

@@ -132,7 +132,8 @@ pub enum Deleted {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Appends a message to the channel's history, records the channel as active, and
-    /// publishes `event`. The history keeps the newest `history_max` entries whose sizes
+    /// publishes its event: [`crate::chat::event::message_event`]`(event_head, entry.json)`,
+    /// joined where it is published so the caller holds one copy of the content. The history keeps the newest `history_max` entries whose sizes
     /// add up to at most `history_max_bytes` (the newest always stays) and its TTL is
     /// refreshed. With `create` false, a channel without history is left alone
     /// ([`Appended::WouldCreate`]), so the caller can charge a creation budget first.
@@ -140,7 +141,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         channel: &ChannelName,
         entry: NewEntry<'_>,
-        event: &[u8],
+        event_head: &[u8],
         create: bool,
     ) -> StoreResult<Appended>;
 

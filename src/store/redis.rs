@@ -188,7 +188,8 @@ return {1, math.floor((now - allow_at) / emission), 0, new_tat - now}
 ";
 
 /// KEYS: history. ARGV: id, owner, entry, count cap, byte cap, ttl secs, bus channel,
-/// event, touch, create. `touch` is `1` when this replica has not refreshed the channel's
+/// event head, touch, create. The event is joined here (head, the entry without its `{`,
+/// `}`: see `message_event`), so the replica sends the content once. `touch` is `1` when this replica has not refreshed the channel's
 /// TTL and registry entry for a while; a new channel always gets its TTL, so no history
 /// key is ever left without one. Without `create`, a channel with no history is left
 /// alone (answer 2). The oldest entries go while the history is over either cap; the
@@ -219,7 +220,7 @@ local touch = ARGV[9] == '1' or seq == 1
 if touch then
   for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
 end
-redis.call('PUBLISH', ARGV[7], ARGV[8])
+redis.call('PUBLISH', ARGV[7], ARGV[8] .. string.sub(ARGV[3], 2) .. '}')
 if touch then return 1 end
 return 0
 ";
@@ -660,7 +661,7 @@ impl Store for RedisStore {
         &self,
         channel: &ChannelName,
         entry: NewEntry<'_>,
-        event: &[u8],
+        event_head: &[u8],
         create: bool,
     ) -> StoreResult<Appended> {
         let timer = Timer::start("append");
@@ -681,7 +682,7 @@ impl Store for RedisStore {
                     .arg(self.settings.history_max_bytes)
                     .arg(self.settings.history_ttl_secs)
                     .arg(&events)
-                    .arg(event)
+                    .arg(event_head)
                     .arg(if touch { "1" } else { "0" })
                     .arg(if create { "1" } else { "0" });
                 async move { self.run_append(script).await.map(|a| (a, a)) }
