@@ -1,7 +1,8 @@
 //! `chatgate-load`: a load generator for chatgate (loopback targets only).
 //!
-//! Four scenarios, each bounded in time: the tool connects, runs, closes every connection
-//! and exits by itself.
+//! Eight scenarios, each bounded in time: the tool connects, runs, closes every connection
+//! and exits by itself. The last four (one module each) measure the bars of hostile input;
+//! their reports end with a `bars` section, a PASS or FAIL line per bar.
 //!
 //! - `idle`: opens N WebSocket connections spread over M channels (bounded concurrency,
 //!   optional connect rate, retries), holds them for `--duration` seconds and reports the
@@ -24,6 +25,16 @@
 //!   (with `--admin-url`) its `chatgate_connections` and `chatgate_runtime_tasks` gauges;
 //!   at the end, once the server is back to the standing connections, checks each is back
 //!   within `--tolerance` of the baseline taken before the churn.
+//! - `hostile` ([`hostile`]): hostile sockets and REST clients sending the largest padded
+//!   frames, bodies and audio, each from its own `X-Forwarded-For` address, next to
+//!   healthy clients in another channel; the server's peak RSS growth, how every hostile
+//!   connection was refused and closed, and the healthy clients' latency and loss.
+//! - `slowloris` ([`slowloris`]): a request header sent a byte at a time, a silent
+//!   connection and an idle keep-alive one; how long until the server closes each.
+//! - `deletes` ([`deletes`]): deletes in a channel holding large audio, on a private
+//!   Redis; each delete's Redis time from the slow log, and how long PINGs wait meanwhile.
+//! - `media-quota` ([`media_quota`]): one user posting large images; when the media
+//!   quota refuses, and how much it accepted in a minute.
 //!
 //! Every message's content is `t=<unix micros>;n=<sequence>` (plus optional padding), so
 //! a receiver computes latency and counts the message with two substring searches, with
@@ -55,6 +66,21 @@
 //! # connections; fails unless RSS, fds and tasks come back within 10% of the baseline:
 //! chatgate-load --url ws://127.0.0.1:18080 --server-pid "$(pgrep -nx chatgate)" \
 //!     --admin-url http://127.0.0.1:9090 soak --cycles 100000 --workers 32 --idle 100
+//!
+//! # 50 hostile sockets and 10 hostile REST clients for 30 s, next to 20 healthy clients
+//! # (start the server with CHATGATE_SERVER__TRUSTED_PROXIES=127.0.0.1/32):
+//! chatgate-load --url ws://127.0.0.1:18080 --server-pid "$(pgrep -nx chatgate)" \
+//!     hostile --duration 30
+//!
+//! # A slow header, a silent connection and an idle keep-alive one (at most 90 s):
+//! chatgate-load --url ws://127.0.0.1:18080 slowloris --keep-alive
+//!
+//! # Deletes in a channel of 1,000 messages with 20 of 10 MiB audio, on a private Redis
+//! # (chatgate started with CHATGATE_LIMITS__ENABLED=false and that Redis):
+//! chatgate-load --url ws://127.0.0.1:18080 deletes --redis-url redis://127.0.0.1:16400/0
+//!
+//! # One user posting 4 MiB images for a minute (its other budgets raised, see its --help):
+//! chatgate-load --url ws://127.0.0.1:18080 media-quota --duration 60
 //! ```
 //!
 //! Every process has a file descriptor limit: opening 10,000 connections from this
@@ -66,12 +92,18 @@
 //! a message, a sent message got neither an ack nor an error, an acknowledged message is
 //! missing from or duplicated in the history, or, for `idle`, a connection failed or was
 //! dropped; for `soak`, a failed cycle, a message without its echo, or the server's RSS,
-//! fds or tasks not back to baseline); 2 when the run could not be carried out (bad
-//! flags, target not on loopback, unreachable server, fd limit, failed connections in
-//! `fanout`/`send`/`soak`'s standing set).
+//! fds or tasks not back to baseline; for the hostile-input scenarios, a bar not met);
+//! 2 when the run could not be carried out (bad flags, target not on loopback,
+//! unreachable server, fd limit, failed connections in `fanout`/`send`/`soak`'s standing
+//! set, a Redis that cannot be reached or configured for `deletes`).
 
 // A client tool: its tasks end with the run, so the server's TaskTracker rule does not apply.
 #![allow(clippy::disallowed_methods)]
+
+mod deletes;
+mod hostile;
+mod media_quota;
+mod slowloris;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
@@ -104,10 +136,12 @@ use tokio_util::sync::CancellationToken;
 // ---------------------------------------------------------------------------------------
 
 /// Load generator for chatgate: idle connections, fan-out (with slow readers), send/ack/
-/// history checks, and connection churn (soak) with resource checks.
+/// history checks, connection churn (soak) with resource checks, and hostile input
+/// (hostile payloads, slowloris, deletes, media quota).
 ///
 /// Targets must resolve to loopback addresses. Every run is bounded in time and exits by
-/// itself. Exit status: 0 clean, 1 loss or missing messages detected, 2 run not possible.
+/// itself. Exit status: 0 clean, 1 loss or missing messages detected (or a bar not met),
+/// 2 run not possible.
 #[derive(Debug, Parser)]
 #[command(name = "chatgate-load", version, about, long_about)]
 struct Cli {
@@ -195,6 +229,29 @@ enum Scenario {
     /// Connection churn: W workers loop connect, send, check echoes, disconnect; the
     /// server's RSS, fds and tasks must come back to baseline.
     Soak(SoakArgs),
+    /// Hostile sockets and REST clients sending the largest payloads, next to healthy
+    /// clients in another channel: server memory, refusals and closes, healthy latency.
+    Hostile(hostile::HostileArgs),
+    /// Slow and silent HTTP connections: how long until the server closes each.
+    Slowloris(slowloris::SlowlorisArgs),
+    /// Deletes in a channel full of large media: their Redis time, and how long Redis
+    /// keeps everyone else waiting meanwhile (needs a private Redis).
+    ///
+    /// Start chatgate on a private redis-server with its limits off, and with its
+    /// per-channel byte cap large enough to keep the whole fill:
+    /// CHATGATE_LIMITS__ENABLED=false CHATGATE_STORE__CHANNEL_MAX_BYTES=1073741824
+    /// chatgate --dev --redis-url redis://127.0.0.1:<port>/0 (a build without
+    /// store.channel_max_bytes refuses that variable: leave it out there). The slow log
+    /// settings of that Redis are changed for the run and restored; nothing is flushed.
+    Deletes(deletes::DeletesArgs),
+    /// One user posting large images as fast as possible: when the media quota refuses.
+    ///
+    /// Raise the user's other budgets out of the way first, so that only the media quota
+    /// can refuse: start chatgate with CHATGATE_LIMITS__MESSAGES_PER_MINUTE=100000
+    /// CHATGATE_LIMITS__MESSAGE_BURST=100000 CHATGATE_LIMITS__REST_PER_MINUTE_PER_IP=100000
+    /// CHATGATE_LIMITS__REST_BURST_PER_IP=100000 (limits stay on, so the quota applies).
+    /// The bar is measured with --duration 60.
+    MediaQuota(media_quota::MediaQuotaArgs),
 }
 
 /// Flags of `idle`.
@@ -414,12 +471,17 @@ async fn run(cli: Cli) -> Result<Verdict, String> {
         None => None,
     };
     let admin = admin.as_ref();
-    let (verdict, report) = match &cli.scenario {
+    let (verdict, mut report) = match &cli.scenario {
         Scenario::Idle(args) => idle(common, args, &target, server, &run_id).await?,
         Scenario::Fanout(args) => fanout(common, args, &target, server, admin, &run_id).await?,
         Scenario::Send(args) => send(common, args, &target, server, &run_id).await?,
         Scenario::Soak(args) => soak(common, args, &target, server, admin, &run_id).await?,
+        Scenario::Hostile(args) => hostile::run(common, args, &target, server, &run_id).await?,
+        Scenario::Slowloris(args) => slowloris::run(args, &target, &run_id).await?,
+        Scenario::Deletes(args) => deletes::run(args, &target, &run_id).await?,
+        Scenario::MediaQuota(args) => media_quota::run(common, args, &target, &run_id).await?,
     };
+    report.verdict(&verdict);
     report.print(common.json);
     Ok(verdict)
 }
@@ -1292,6 +1354,9 @@ impl ConnectOpts {
 /// Client read buffer of an active connection. Small on purpose: tungstenite zero-fills
 /// the free part of the buffer before every socket read, and most reads carry one frame.
 const RECEIVER_READ_BUFFER: usize = 4096;
+/// Largest message a client reads unless its spec says otherwise: the load's own
+/// messages are small.
+const RECEIVER_MAX_MESSAGE: usize = 4 << 20;
 
 /// One connection to open.
 struct ConnSpec {
@@ -1308,6 +1373,8 @@ struct ConnSpec {
     /// Sent as `X-Forwarded-For`, to stand for a client at that address behind a proxy
     /// the server trusts (`fanout --forwarded-for`).
     forwarded_for: Option<String>,
+    /// Largest message (and frame) this client reads.
+    max_message: usize,
 }
 
 impl ConnSpec {
@@ -1321,6 +1388,7 @@ impl ConnSpec {
             slow: None,
             rcvbuf: 0,
             forwarded_for: None,
+            max_message: RECEIVER_MAX_MESSAGE,
         }
     }
 }
@@ -1420,8 +1488,8 @@ async fn connect_once(
     let config = WebSocketConfig::default()
         .read_buffer_size(spec.read_buffer)
         .write_buffer_size(64 * 1024)
-        .max_message_size(Some(4 << 20))
-        .max_frame_size(Some(4 << 20));
+        .max_message_size(Some(spec.max_message))
+        .max_frame_size(Some(spec.max_message));
     let mut request = url
         .into_client_request()
         .map_err(|e| AttemptError::Fatal(format!("bad request: {e}")))?;
@@ -2076,6 +2144,43 @@ async fn run_sending(
     }
 }
 
+/// Every connection of `conns` sends ([`run_sending`]), then all are closed: the
+/// members of `send`, and the healthy clients of `hostile`. Returns the sending figures
+/// (their outlets closed and gone), every reader's figures, and this process's memory
+/// once the sending ended.
+async fn send_and_close(
+    sh: &Arc<Shared>,
+    common: &Common,
+    pacing: &PacingArgs,
+    conns: Vec<Conn>,
+    planned: u64,
+    expected_per_message: u32,
+    server: Option<u32>,
+) -> (Sending, Vec<ReaderStats>, Option<Mem>) {
+    let (sinks, readers) = split_conns(conns);
+    let outlets = sinks
+        .into_iter()
+        .map(|sink| Outlet { sink, alive: true })
+        .collect();
+    let mut sending = run_sending(
+        sh,
+        common,
+        pacing,
+        outlets,
+        planned,
+        expected_per_message,
+        server,
+    )
+    .await;
+    let client_mem = read_mem("self");
+    let mut sinks: Vec<Sink> = std::mem::take(&mut sending.outlets)
+        .into_iter()
+        .map(|o| o.sink)
+        .collect();
+    let stats = close_all(sh, &mut sinks, readers).await;
+    (sending, stats, client_mem)
+}
+
 /// Waits until every sent message is acked and delivered `expected` times, or until
 /// nothing new arrived for `grace` (at most `grace` + 60 s). Returns the seconds waited
 /// and whether everything arrived.
@@ -2217,7 +2322,7 @@ fn account(sh: &Shared, expected_per_message: u32) -> Accounting {
 }
 
 // ---------------------------------------------------------------------------------------
-// History check (plain HTTP/1.1 over TcpStream)
+// HTTP (plain HTTP/1.1 over TcpStream) and the history check
 // ---------------------------------------------------------------------------------------
 
 /// Largest HTTP response read.
@@ -2242,26 +2347,141 @@ async fn http_get_at(
     path: &str,
     accept: &str,
 ) -> Result<(u16, Vec<u8>), String> {
+    let request = HttpRequest {
+        headers: &[("Accept", accept)],
+        ..HttpRequest::get(path)
+    };
+    let answer = http_request(addr, authority, &request).await?;
+    Ok((answer.status, answer.body))
+}
+
+/// `POST path` on the REST API with a JSON body (and an `X-Forwarded-For`, to stand
+/// for a client behind a proxy the server trusts).
+async fn http_post_json(
+    target: &Target,
+    path: &str,
+    body: &[u8],
+    forwarded_for: Option<&str>,
+) -> Result<HttpAnswer, String> {
+    let json = ("Content-Type", "application/json");
+    let with_address;
+    let headers: &[(&str, &str)] = match forwarded_for {
+        Some(address) => {
+            with_address = [json, ("X-Forwarded-For", address)];
+            &with_address
+        }
+        None => &[json],
+    };
+    let request = HttpRequest {
+        method: "POST",
+        path,
+        headers,
+        body: Some(body),
+        limit: Duration::from_secs(60),
+    };
+    http_request(target.http_addr, &target.http_authority, &request).await
+}
+
+/// One HTTP/1.1 request, sent with `Connection: close`.
+struct HttpRequest<'a> {
+    method: &'a str,
+    path: &'a str,
+    /// Header lines besides Host, Connection and Content-Length.
+    headers: &'a [(&'a str, &'a str)],
+    /// Sent with its Content-Length.
+    body: Option<&'a [u8]>,
+    /// Longest the whole exchange may take.
+    limit: Duration,
+}
+
+impl<'a> HttpRequest<'a> {
+    fn get(path: &'a str) -> Self {
+        Self {
+            method: "GET",
+            path,
+            headers: &[],
+            body: None,
+            limit: Duration::from_secs(15),
+        }
+    }
+}
+
+/// An HTTP answer.
+struct HttpAnswer {
+    status: u16,
+    /// De-chunked, at most [`MAX_HTTP_BYTES`].
+    body: Vec<u8>,
+    /// Why sending the request failed, when the server answered before taking it all
+    /// (a 413 for an oversized body, say) and closed the connection.
+    cut_off: Option<String>,
+}
+
+impl HttpAnswer {
+    /// The `code` of a JSON error body, or `""`.
+    fn code(&self) -> String {
+        serde_json::from_slice::<Value>(&self.body)
+            .ok()
+            .and_then(|v| v.get("code").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    /// The status with the error code, if any: `413 payload_too_large`.
+    fn outcome(&self) -> String {
+        match self.code() {
+            code if code.is_empty() => self.status.to_string(),
+            code => format!("{} {code}", self.status),
+        }
+    }
+}
+
+/// Sends `request` to `addr` (`authority` in the Host header) and reads the answer to the
+/// end of the connection. When writing the request fails, what the server answered
+/// before closing is still read (and the failure kept in [`HttpAnswer::cut_off`]).
+async fn http_request(
+    addr: SocketAddr,
+    authority: &str,
+    request: &HttpRequest<'_>,
+) -> Result<HttpAnswer, String> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+        let mut head = format!(
+            "{} {} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n",
+            request.method, request.path
         );
-        stream
-            .write_all(request.as_bytes())
+        for (name, value) in request.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if let Some(body) = request.body {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        let mut cut_off = stream
+            .write_all(head.as_bytes())
             .await
-            .map_err(|e| format!("write: {e}"))?;
+            .err()
+            .map(|e| format!("write: {e}"));
+        if let (None, Some(body)) = (&cut_off, request.body) {
+            cut_off = stream
+                .write_all(body)
+                .await
+                .err()
+                .map(|e| format!("write: {e}"));
+        }
         let mut raw = Vec::new();
-        (&mut stream)
+        let read = (&mut stream)
             .take(MAX_HTTP_BYTES)
             .read_to_end(&mut raw)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        Ok::<_, String>(raw)
+            .await;
+        // A reset after the answer (the server closing with our body unread) still
+        // leaves the answer to read.
+        match read {
+            Err(e) if raw.is_empty() => Err(cut_off.unwrap_or_else(|| format!("read: {e}"))),
+            _ => Ok::<_, String>((raw, cut_off)),
+        }
     };
-    let raw = timeout(Duration::from_secs(15), exchange)
+    let (raw, cut_off) = timeout(request.limit, exchange)
         .await
         .map_err(|_| "timed out".to_string())??;
     let split = raw
@@ -2287,7 +2507,11 @@ async fn http_get_at(
     } else {
         body.to_vec()
     };
-    Ok((status, body))
+    Ok(HttpAnswer {
+        status,
+        body,
+        cut_off,
+    })
 }
 
 fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
@@ -2599,6 +2823,31 @@ impl Report {
         }
         self.json.insert(key.into(), Value::Array(list));
         self.section = None;
+    }
+
+    /// One bar of the issue: the figure measured against its target, and whether it held.
+    /// Listed under `bars` in the JSON.
+    fn bar(&mut self, label: &str, key: &str, measured: &str, met: bool) {
+        let verdict = if met { "PASS" } else { "FAIL" };
+        self.lines
+            .push(format!("  {label:<44} {measured}: {verdict}"));
+        let bars = self
+            .json
+            .entry("bars")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(map) = bars {
+            map.insert(key.into(), json!({"measured": measured, "met": met}));
+        }
+    }
+
+    /// The last line: the run's verdict.
+    fn verdict(&mut self, verdict: &Verdict) {
+        let text = match verdict {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+        };
+        self.lines.push(format!("verdict: {text}"));
+        self.json.insert("verdict".into(), json!(text));
     }
 
     fn print(&self, json_line: bool) {
@@ -3267,27 +3516,18 @@ async fn send(
     );
     let mut connected = connect_every(&sh, &target, specs, common, wanted).await?;
     let mem_connected = pid.as_deref().and_then(read_mem);
-    let (sinks, readers) = split_conns(std::mem::take(&mut connected.conns));
-    let outlets = sinks
-        .into_iter()
-        .map(|sink| Outlet { sink, alive: true })
-        .collect();
     let expected = u32::try_from(args.clients - 1).unwrap_or(u32::MAX);
-    let sending = run_sending(
+    let (sending, stats, client_mem) = send_and_close(
         &sh,
         common,
         &args.pacing,
-        outlets,
+        std::mem::take(&mut connected.conns),
         planned,
         expected,
         server,
     )
     .await;
-    let client_mem = read_mem("self");
     let settle = (sending.settle_secs, sending.settled);
-    let mut sinks: Vec<Sink> = sending.outlets.into_iter().map(|o| o.sink).collect();
-    let stats = close_all(&sh, &mut sinks, readers).await;
-    drop(sinks);
     let totals = Totals::of(&stats);
     let acc = account(&sh, expected);
     let history = if args.no_verify {
