@@ -296,9 +296,14 @@ impl ChatService {
             crate::metrics::message_refused(code);
             span.record("outcome", code);
         };
-        let draft = tracing::debug_span!("chat.validate")
-            .in_scope(|| Draft::parse(content, message_type, &self.limits))
-            .inspect_err(|e| refused(e.code))?;
+        let validate = tracing::debug_span!("chat.validate");
+        let limits = self.limits.clone();
+        let kind = message_type.to_string();
+        let draft = super::offload(content.len() >= super::OFFLOAD_BYTES, move || {
+            validate.in_scope(|| Draft::parse(content, &kind, &limits))
+        })
+        .await
+        .inspect_err(|e| refused(e.code))?;
         // Only the validated type: the raw field is client input of any size.
         span.record("message_type", draft.message_type());
         if draft.is_media() && self.capacity.is_full() {
@@ -336,15 +341,18 @@ impl ChatService {
     ) -> Result<Stored, ChatError> {
         let message_id = MessageId::generate().to_string();
         // The content is moved into the entry: one copy of it lives from here on.
-        let entry = serde_json::to_string(&ChatMessage {
+        let message = ChatMessage {
             sender: sender.to_string(),
             content: draft.content,
             channel: channel.to_string(),
             message_type: draft.message_type.as_str().to_string(),
             timestamp: Timestamp::now(),
             message_id: message_id.clone(),
+        };
+        let entry = super::offload(message.content.len() >= super::OFFLOAD_BYTES, move || {
+            serde_json::to_string(&message).expect("messages serialize")
         })
-        .expect("messages serialize");
+        .await;
         let traceparent = crate::telemetry::current_traceparent();
         let event = Envelope::message_head(
             from.map(|(conn, _)| self.origin(conn)),

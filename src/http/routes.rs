@@ -176,6 +176,15 @@ impl SendMessageBody {
                 "Invalid request format: the body must be a JSON object".into(),
             ));
         }
+        let too_large = || ApiError::PayloadTooLarge {
+            code: "payload_too_large",
+            detail: format!(
+                "request body too large: only image and audio messages may exceed {small} bytes"
+            ),
+        };
+        if bytes.len() > small && crate::ws::protocol::check_large_shape(bytes).is_err() {
+            return Err(too_large());
+        }
         let body: Self = serde_json::from_slice(bytes)
             .map_err(|e| invalid(format!("Invalid request format: {e}")))?;
         let media = body
@@ -183,12 +192,7 @@ impl SendMessageBody {
             .as_deref()
             .is_some_and(crate::ws::protocol::is_media_type);
         if bytes.len() > small && !media {
-            return Err(ApiError::PayloadTooLarge {
-                code: "payload_too_large",
-                detail: format!(
-                    "request body too large: only image and audio messages may exceed {small} bytes"
-                ),
-            });
+            return Err(too_large());
         }
         Ok(body)
     }
@@ -209,9 +213,13 @@ async fn send_message(
     body: Budgeted,
 ) -> AppResult<(Option<Extension<RateHeaders>>, Json<Sent>)> {
     let Budgeted { bytes, permit } = body;
-    let body = SendMessageBody::parse(&bytes, state.payloads.small())?;
-    // The raw body is not needed once parsed: only its permits stay, until the send ends.
-    drop(bytes);
+    // A large body is parsed on the blocking pool and dropped there once parsed: only its
+    // permits stay, until the send ends.
+    let small = state.payloads.small();
+    let body = crate::chat::offload(bytes.len() > small, move || {
+        SendMessageBody::parse(&bytes, small)
+    })
+    .await?;
     let unprocessable = |e: crate::chat::model::ValidationError| ApiError::Unprocessable {
         code: e.code,
         detail: e.detail,

@@ -136,10 +136,11 @@ const NOW_MS: &str = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) *
 /// Prelude of every script that takes the history's keys.
 const NOT_MIGRATED: &str = "if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end\n";
 
-/// KEYS: history. ARGV: limit, byte budget. The newest entries, newest first, read a page
-/// at a time; stops at `limit` entries or before the budget would be exceeded (sizes are
-/// read with `HSTRLEN`, so an entry that does not fit is never loaded; the newest entry
-/// always comes back). Returns {truncated (0/1), entries}.
+/// KEYS: history. ARGV: limit, byte budget. The ids of the newest entries, newest first,
+/// a page at a time; stops at `limit` entries or before the budget would be exceeded
+/// (sizes are read with `HSTRLEN`; the newest entry always counts). Returns {truncated
+/// (0/1), ids}: the caller reads the entries with a plain `HMGET`, so megabytes of media
+/// never pass through Lua (each megabyte costs Redis several milliseconds there).
 const HISTORY: &str = r"
 local limit = tonumber(ARGV[1])
 local budget = tonumber(ARGV[2])
@@ -155,11 +156,8 @@ while #out < limit do
     if #out > 0 and used + size > budget then
       return {1, out}
     end
-    local item = redis.call('HGET', KEYS[2], id)
-    if item then
-      used = used + #item
-      out[#out + 1] = item
-    end
+    used = used + size
+    out[#out + 1] = id
   end
   start = stop + 1
 end
@@ -187,27 +185,35 @@ redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
 return {1, math.floor((now - allow_at) / emission), 0, new_tat - now}
 ";
 
-/// KEYS: history. ARGV: id, owner, entry, count cap, byte cap, ttl secs, bus channel,
-/// event head, touch, create. The event is joined here (head, the entry without its `{`,
-/// `}`: see `message_event`), so the replica sends the content once. `touch` is `1` when this replica has not refreshed the channel's
-/// TTL and registry entry for a while; a new channel always gets its TTL, so no history
-/// key is ever left without one. Without `create`, a channel with no history is left
-/// alone (answer 2). The oldest entries go while the history is over either cap; the
-/// newest always stays. Returns 1 when the caller should (re-)register the channel.
-const APPEND: &str = r"
+/// KEYS: history. ARGV: create. Whether an append may go ahead: -1 while the original's
+/// list exists (the caller migrates it first), 2 when the channel has no history and the
+/// append may not create it, 0 otherwise.
+const PREPARE: &str = r"
+if redis.call('ZCARD', KEYS[1]) == 0 and ARGV[1] ~= '1' then return 2 end
+return 0
+";
+
+/// KEYS: ids, entries, owners, meta. ARGV: id, owner, count cap, byte cap, ttl secs,
+/// touch. Indexes an entry that the same transaction has just written with `HSET` (the
+/// entry itself never passes through Lua: each megabyte costs Redis several milliseconds
+/// there): next sequence number, `ZADD` the id, `HSET` the owner, then the oldest go
+/// while the history is over either cap (the newest always stays). `touch` is `1` when
+/// this replica has not refreshed the channel's TTL and registry entry for a while; a new
+/// channel always gets its TTL, so no history key is ever left without one. Returns 1
+/// when the caller should (re-)register the channel.
+const INDEX: &str = r"
 local count = redis.call('ZCARD', KEYS[1])
 if count == 0 then
-  if ARGV[10] ~= '1' then return 2 end
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  redis.call('DEL', KEYS[3], KEYS[4])
 end
 local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
 redis.call('ZADD', KEYS[1], seq, ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-local bytes = tonumber(redis.call('HGET', KEYS[4], 'bytes') or '0') + #ARGV[3]
+local bytes = tonumber(redis.call('HGET', KEYS[4], 'bytes') or '0')
+  + redis.call('HSTRLEN', KEYS[2], ARGV[1])
 count = count + 1
-local cap = tonumber(ARGV[4])
-local byte_cap = tonumber(ARGV[5])
+local cap = tonumber(ARGV[3])
+local byte_cap = tonumber(ARGV[4])
 while count > cap or (bytes > byte_cap and count > 1) do
   local oldest = redis.call('ZPOPMIN', KEYS[1])[1]
   bytes = bytes - redis.call('HSTRLEN', KEYS[2], oldest)
@@ -216,12 +222,11 @@ while count > cap or (bytes > byte_cap and count > 1) do
   count = count - 1
 end
 redis.call('HSET', KEYS[4], 'bytes', bytes)
-local touch = ARGV[9] == '1' or seq == 1
+local touch = ARGV[6] == '1' or seq == 1
 if touch then
-  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+  return 1
 end
-redis.call('PUBLISH', ARGV[7], ARGV[8] .. string.sub(ARGV[3], 2) .. '}')
-if touch then return 1 end
 return 0
 ";
 
@@ -417,7 +422,7 @@ return 1
 const REFRESH_BATCH: usize = 500;
 
 struct Scripts {
-    append: Script,
+    prepare: Script,
     register: Script,
     delete: Script,
     channels: Script,
@@ -446,7 +451,7 @@ impl Scripts {
         let timed = |body: &str| Script::new(&format!("{NOW_MS}{}", publish(body)));
         let migrated = |body: &str| Script::new(&format!("{NOT_MIGRATED}{}", publish(body)));
         Self {
-            append: migrated(APPEND),
+            prepare: migrated(PREPARE),
             register: plain(REGISTER),
             delete: migrated(DELETE),
             channels: plain(CHANNELS),
@@ -474,6 +479,8 @@ pub struct RedisStore {
     keys: Keys,
     settings: StoreSettings,
     scripts: Scripts,
+    /// Cluster mode: events go out with `SPUBLISH` (sharded pub/sub).
+    sharded: bool,
     /// The connection for appends that replicas must confirm, and how many.
     durable: Option<(Conn, WaitReplicas)>,
     /// Channel → when this replica last refreshed its TTL and registry entry.
@@ -538,6 +545,7 @@ impl RedisStore {
             keys,
             settings,
             scripts: Scripts::new(sharded),
+            sharded,
             durable,
             touched: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
@@ -567,46 +575,83 @@ impl RedisStore {
         touched.remove(channel.as_str());
     }
 
-    /// Runs the append script, followed, when replicas must confirm, by `WAIT` in the
-    /// same pipeline on the dedicated connection: one connection object, so the `WAIT`
-    /// counts exactly this write, even across a reconnect or a Sentinel failover.
-    /// Returns the script's answer (1: register the channel).
-    async fn run_append(&self, script: redis::Cmd) -> redis::RedisResult<i64> {
+    /// Stores an entry, indexes it and publishes its event as one transaction
+    /// (`MULTI`: `HSET` the entry, `EVAL` the index script, `PUBLISH` the event, `EXEC`), so
+    /// the order of events is the order of history and the megabytes of a media message go
+    /// through plain commands, never through Lua. When replicas must confirm, `WAIT`
+    /// follows in the same pipeline on the dedicated connection: one connection object,
+    /// so the `WAIT` counts exactly this write, even across a reconnect or a Sentinel
+    /// failover. Returns the index script's answer (1: register the channel).
+    async fn run_append(
+        &self,
+        keys: &[String; 5],
+        entry: NewEntry<'_>,
+        event: &[u8],
+        touch: bool,
+        events: &str,
+    ) -> redis::RedisResult<i64> {
         let (mut conn, wait) = match &self.durable {
             Some((conn, wait)) => (conn.clone(), Some(*wait)),
             None => (self.conn.clone(), None),
         };
         let mut pipe = redis::pipe();
-        pipe.add_command(script);
+        pipe.cmd("MULTI")
+            .cmd("HSET")
+            .arg(&keys[1])
+            .arg(entry.id)
+            .arg(entry.json)
+            .cmd("EVAL")
+            .arg(INDEX)
+            .arg(4)
+            .arg(&keys[..4])
+            .arg(entry.id)
+            .arg(entry.owner)
+            .arg(self.settings.history_max)
+            .arg(self.settings.history_max_bytes)
+            .arg(self.settings.history_ttl_secs)
+            .arg(if touch { "1" } else { "0" })
+            .cmd(if self.sharded { "SPUBLISH" } else { "PUBLISH" })
+            .arg(events)
+            .arg(event)
+            .cmd("EXEC");
         if let Some(wait) = wait {
             pipe.cmd("WAIT").arg(wait.replicas).arg(wait.timeout_ms);
         }
-        let mut loaded = false;
-        let answers: Vec<i64> = loop {
-            match pipe.query_async(&mut conn).await {
-                Err(e)
-                    if !loaded
-                        && e.kind()
-                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    self.scripts.append.load_async(&mut conn).await?;
-                    loaded = true;
-                }
-                other => break other?,
+        let answers: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        // MULTI, three QUEUED, EXEC's answers (HSET, EVAL, PUBLISH), then WAIT's.
+        let executed = match answers.get(4) {
+            Some(redis::Value::Array(executed)) => executed,
+            other => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "the append transaction was not executed",
+                    format!("{other:?}"),
+                )));
             }
         };
-        let answer = answers.first().copied().unwrap_or(0);
-        if let (Some(wait), Some(&acked)) = (wait, answers.get(1))
-            && answer != NOT_MIGRATED_ANSWER
-            && acked < i64::from(wait.replicas)
-        {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "too few replicas confirmed the write",
-                format!("{acked} of {} within {} ms", wait.replicas, wait.timeout_ms),
-            )));
+        for answer in executed {
+            if let redis::Value::ServerError(e) = answer {
+                return Err(redis::RedisError::from(e.clone()));
+            }
         }
-        Ok(answer)
+        let register: i64 = match executed.get(1) {
+            Some(value) => redis::from_redis_value(value.clone())?,
+            None => 0,
+        };
+        if let Some(wait) = wait {
+            let acked: i64 = match answers.get(5) {
+                Some(value) => redis::from_redis_value(value.clone())?,
+                None => 0,
+            };
+            if acked < i64::from(wait.replicas) {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "too few replicas confirmed the write",
+                    format!("{acked} of {} within {} ms", wait.replicas, wait.timeout_ms),
+                )));
+            }
+        }
+        Ok(register)
     }
 
     /// Moves the original's history list of `channel` into the indexed layout, one
@@ -667,32 +712,36 @@ impl Store for RedisStore {
         let timer = Timer::start("append");
         let touch = self.needs_touch(channel);
         let keys = self.keys.history(channel);
+        if touch {
+            // Not appended here lately: the channel may still hold the original's list
+            // (migrated first), or not exist (the caller may have to pay for creating it).
+            let state = self
+                .migrated(channel, || async {
+                    let mut conn = self.conn.clone();
+                    let n: i64 = self
+                        .scripts
+                        .prepare
+                        .key(&keys[..])
+                        .arg(if create { "1" } else { "0" })
+                        .invoke_async(&mut conn)
+                        .await?;
+                    Ok((n, n))
+                })
+                .await
+                .map_err(|e| timer.failed(e))?;
+            if state == 2 {
+                timer.succeeded();
+                return Ok(Appended::WouldCreate);
+            }
+        }
+        let event = crate::chat::event::message_event(event_head, entry.json);
         let events = self.keys.events(channel.as_str());
         let answer = self
-            .migrated(channel, || {
-                let mut script = redis::cmd("EVALSHA");
-                script
-                    .arg(self.scripts.append.get_hash())
-                    .arg(keys.len())
-                    .arg(&keys[..])
-                    .arg(entry.id)
-                    .arg(entry.owner)
-                    .arg(entry.json)
-                    .arg(self.settings.history_max)
-                    .arg(self.settings.history_max_bytes)
-                    .arg(self.settings.history_ttl_secs)
-                    .arg(&events)
-                    .arg(event_head)
-                    .arg(if touch { "1" } else { "0" })
-                    .arg(if create { "1" } else { "0" });
-                async move { self.run_append(script).await.map(|a| (a, a)) }
-            })
+            .run_append(&keys, entry, &event, touch, &events)
             .await
             .map_err(|e| timer.failed(e))?;
+        drop(event);
         timer.succeeded();
-        if answer == 2 {
-            return Ok(Appended::WouldCreate);
-        }
         let mut conn = self.conn.clone();
         if answer == 1 {
             // The message is stored; a registry that is briefly behind only delays the
@@ -723,7 +772,7 @@ impl Store for RedisStore {
     ) -> StoreResult<(Vec<String>, bool)> {
         let timer = Timer::start("history");
         let keys = self.keys.history(channel);
-        let (truncated, mut entries): (i64, Vec<String>) = self
+        let (truncated, ids): (i64, Vec<String>) = self
             .migrated(channel, || async {
                 let mut conn = self.conn.clone();
                 let answer: redis::Value = self
@@ -740,8 +789,21 @@ impl Store for RedisStore {
                 Ok((0, redis::from_redis_value(answer)?))
             })
             .await
-            .map_err(|e| timer.failed(e))
-            .inspect(|_| timer.succeeded())?;
+            .map_err(|e| timer.failed(e))?;
+        if ids.is_empty() {
+            timer.succeeded();
+            return Ok((Vec::new(), truncated == 1));
+        }
+        // A plain read, outside Lua; an entry deleted since the ids were read is skipped.
+        let mut conn = self.conn.clone();
+        let found: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&keys[1])
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| timer.failed(e))?;
+        timer.succeeded();
+        let mut entries: Vec<String> = found.into_iter().flatten().collect();
         entries.reverse();
         Ok((entries, truncated == 1))
     }
@@ -1211,7 +1273,6 @@ mod tests {
         let sharded = Scripts::new(true);
         let plain = Scripts::new(false);
         for (s, p) in [
-            (&sharded.append, &plain.append),
             (&sharded.delete, &plain.delete),
             (&sharded.join, &plain.join),
             (&sharded.leave, &plain.leave),
@@ -1219,7 +1280,7 @@ mod tests {
         ] {
             assert_ne!(s.get_hash(), p.get_hash());
         }
-        for body in [APPEND, DELETE, JOIN, LEAVE, TYPING] {
+        for body in [DELETE, JOIN, LEAVE, TYPING] {
             assert!(body.contains("redis.call('PUBLISH',"), "{body}");
         }
     }

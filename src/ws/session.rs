@@ -275,8 +275,15 @@ where
             return Step::Stop("client_closed");
         }
     };
-    let (content, message_type, client_id) = match ClientFrame::parse(text.as_str(), settings.caps)
-    {
+    // A large frame is parsed on the blocking pool; the frame's own bytes go with it and
+    // are dropped there: only its permits stay until the message is stored (they cover
+    // the copies made on the way).
+    let caps = settings.caps;
+    let parsed = crate::chat::offload(text.len() > caps.small, move || {
+        ClientFrame::parse(text.as_str(), caps).map(ClientFrame::into_owned)
+    })
+    .await;
+    let (content, message_type, client_id) = match parsed {
         Ok(ClientFrame::Message {
             content,
             message_type,
@@ -307,9 +314,6 @@ where
             return refuse(sink, frame, Refusal::Invalid, settings, refused).await;
         }
     };
-    // The frame's own bytes are not needed any more; only its permits stay until the
-    // message is stored (they cover the copies made on the way).
-    drop(text);
     // Each message is a trace of its own (a session lives too long to be one).
     let span = tracing::debug_span!(
         parent: None,

@@ -3,8 +3,10 @@
 //!
 //! Hostile sockets share a channel of their own and loop over three frames: a
 //! `typing_start` padded to just under the server's largest WebSocket message, a message
-//! padded to 2 MiB, and an audio message carrying the largest valid WebM data URL. They
-//! connect again at once when the server closes them (1 s after a refused connect).
+//! padded to 2 MiB, and an audio message carrying the largest valid WebM data URL; the
+//! first `--media-sockets` of them send only the audio message, over and over (valid
+//! media, stored and fanned out until a quota or budget refuses it). They connect again
+//! at once when the server closes them (1 s after a refused connect).
 //! Hostile REST clients post bodies padded to just under the largest request body. Every
 //! hostile client sends its own `X-Forwarded-For` (10.1.x.y for sockets, 10.2.x.y for
 //! REST), so a server that trusts 127.0.0.1 as a proxy applies its per-IP limits per
@@ -65,6 +67,10 @@ pub struct HostileArgs {
     /// Hostile WebSocket clients (one channel of their own), each with its own address.
     #[arg(long, default_value_t = 50, value_name = "N")]
     sockets: usize,
+    /// Of the hostile sockets, how many send only the audio message (the largest valid
+    /// media, stored and fanned out) instead of the three frames in turn.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    media_sockets: usize,
     /// Hostile REST clients, each with its own address.
     #[arg(long, default_value_t = 10, value_name = "N")]
     rest: usize,
@@ -119,8 +125,12 @@ impl Payloads {
         }
     }
 
-    fn frames(&self) -> [&Utf8Bytes; 3] {
-        [&self.typing, &self.text, &self.audio]
+    fn frames(&self, media_only: bool) -> Vec<&Utf8Bytes> {
+        if media_only {
+            vec![&self.audio]
+        } else {
+            vec![&self.typing, &self.text, &self.audio]
+        }
     }
 }
 
@@ -258,6 +268,7 @@ async fn hostile_socket(
     spec: ConnSpec,
     opts: ConnectOpts,
     payloads: Arc<Payloads>,
+    media_only: bool,
     stop: CancellationToken,
 ) -> SocketStats {
     let mut stats = SocketStats::default();
@@ -285,7 +296,7 @@ async fn hostile_socket(
         let quit = CancellationToken::new();
         let reader = tokio::spawn(read_hostile(stream, ended.clone(), quit.clone()));
         let mut sent = 0u64;
-        for frame in payloads.frames().into_iter().cycle() {
+        for frame in payloads.frames(media_only).into_iter().cycle() {
             if stop.is_cancelled() || ended.is_cancelled() {
                 break;
             }
@@ -424,6 +435,9 @@ pub async fn run(
     if args.healthy < 2 {
         return Err("--healthy must be at least 2 (each message goes to the others)".into());
     }
+    if args.media_sockets > args.sockets {
+        return Err("--media-sockets must be at most --sockets".into());
+    }
     if args.sockets + args.rest + args.healthy > 10_000 {
         return Err("at most 10,000 clients".into());
     }
@@ -498,6 +512,7 @@ pub async fn run(
                 spec,
                 ConnectOpts::from(common),
                 payloads.clone(),
+                i < args.media_sockets,
                 stop.clone(),
             ))
         })
@@ -561,6 +576,11 @@ pub async fn run(
     let mut r = Report::new("hostile", run_id, &target);
     r.section("setup", "setup");
     r.int("hostile sockets", "sockets", args.sockets as u64);
+    r.int(
+        "of them sending only audio",
+        "media_sockets",
+        args.media_sockets as u64,
+    );
     r.int("hostile REST clients", "rest_clients", args.rest as u64);
     r.int("healthy clients", "healthy", args.healthy as u64);
     r.num("healthy rate", "rate", args.rate, " msgs/s");
