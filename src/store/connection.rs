@@ -42,6 +42,16 @@ pub enum Conn {
 }
 
 impl Conn {
+    /// Tells a Sentinel connection to ask the Sentinels for the primary again (at most
+    /// every 200 ms; nothing changes when it did not move). For failures whose cause a
+    /// transaction hides: a write refused by a demoted primary inside `MULTI` comes back
+    /// as `EXECABORT`, not as `READONLY`.
+    pub fn recheck(&self) {
+        if let Some((primary, _)) = self.sentinel() {
+            primary.suspect.notify_one();
+        }
+    }
+
     /// The Sentinel primary behind this connection and which of its connections to use.
     fn sentinel(&self) -> Option<(Arc<SentinelPrimary>, bool)> {
         match self {

@@ -617,7 +617,20 @@ impl RedisStore {
         if let Some(wait) = wait {
             pipe.cmd("WAIT").arg(wait.replicas).arg(wait.timeout_ms);
         }
-        let answers: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let answers: Vec<redis::Value> = match pipe.query_async(&mut conn).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                conn.recheck();
+                return Err(e);
+            }
+        };
+        if let Some(redis::Value::ServerError(e)) = answers
+            .iter()
+            .find(|a| matches!(a, redis::Value::ServerError(_)))
+        {
+            conn.recheck();
+            return Err(redis::RedisError::from(e.clone()));
+        }
         // MULTI, three QUEUED, EXEC's answers (HSET, EVAL, PUBLISH), then WAIT's.
         let executed = match answers.get(4) {
             Some(redis::Value::Array(executed)) => executed,
@@ -631,6 +644,7 @@ impl RedisStore {
         };
         for answer in executed {
             if let redis::Value::ServerError(e) = answer {
+                conn.recheck();
                 return Err(redis::RedisError::from(e.clone()));
             }
         }
