@@ -245,12 +245,16 @@ const MESSAGE_FRAME_START: &[u8] = b"{\"type\":\"message\",";
 /// stored entry (a JSON object): `head`, the entry without its opening `{`, and the
 /// envelope's closing `}`.
 pub fn message_event(head: &[u8], entry: &str) -> Vec<u8> {
-    let fields = entry.strip_prefix('{').unwrap_or(entry);
-    let mut event = Vec::with_capacity(head.len() + fields.len() + 1);
-    event.extend_from_slice(head);
-    event.extend_from_slice(fields.as_bytes());
-    event.push(b'}');
+    let parts = message_event_parts(head, entry);
+    let mut event = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    parts.iter().for_each(|part| event.extend_from_slice(part));
     event
+}
+
+/// The pieces of [`message_event`], for a writer that joins them where they go.
+pub fn message_event_parts<'a>(head: &'a [u8], entry: &'a str) -> [&'a [u8]; 3] {
+    let fields = entry.strip_prefix('{').unwrap_or(entry);
+    [head, fields.as_bytes(), b"}"]
 }
 
 /// Adds `"client_id":<id>` to a serialized frame (a JSON object).

@@ -350,7 +350,10 @@ impl ChatService {
             message_id: message_id.clone(),
         };
         let entry = super::offload(message.content.len() >= super::OFFLOAD_BYTES, move || {
-            serde_json::to_string(&message).expect("messages serialize")
+            // Sized up front: grown by doubling, a 14 MB entry would need up to 28 MB.
+            let mut json = Vec::with_capacity(message.content.len() + 512);
+            serde_json::to_writer(&mut json, &message).expect("messages serialize");
+            String::from_utf8(json).expect("JSON is UTF-8")
         })
         .await;
         let traceparent = crate::telemetry::current_traceparent();

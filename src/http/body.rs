@@ -68,7 +68,13 @@ impl FromRequest<AppState> for Budgeted {
             Some(n) => budget.acquire(n).await.map_err(ApiError::Busy)?,
             None => PayloadPermit::default(),
         };
-        let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(budget.small()));
+        // A body admitted by its declared length gets its whole buffer at once: grown by
+        // doubling, it would hold up to twice its size at its peak, outside the budget.
+        let capacity = match declared {
+            Some(n) if permit.bytes() > 0 => n,
+            other => other.unwrap_or(0).min(budget.small()),
+        };
+        let mut body = BytesMut::with_capacity(capacity);
         let mut stream = request.into_body().into_data_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| {

@@ -47,6 +47,24 @@ use super::{
 };
 use crate::chat::model::{ChannelName, MessageId, Username};
 
+/// A message's bus event as one command argument, written from its pieces (see
+/// `message_event_parts`) without joining them first.
+struct EventArg<'a>([&'a [u8]; 3]);
+
+impl redis::ToRedisArgs for EventArg<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        use std::io::Write as _;
+        let mut arg = out.writer_for_next_arg();
+        for part in self.0 {
+            arg.write_all(part)
+                .expect("writing to memory does not fail");
+        }
+    }
+}
+
 /// Names of every key and pub/sub channel, with the configured prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -586,7 +604,7 @@ impl RedisStore {
         &self,
         keys: &[String; 5],
         entry: NewEntry<'_>,
-        event: &[u8],
+        event_head: &[u8],
         touch: bool,
         events: &str,
     ) -> redis::RedisResult<i64> {
@@ -594,12 +612,27 @@ impl RedisStore {
             Some((conn, wait)) => (conn.clone(), Some(*wait)),
             None => (self.conn.clone(), None),
         };
-        let mut pipe = redis::pipe();
-        pipe.cmd("MULTI")
-            .cmd("HSET")
+        // The two commands that carry the content are sized up front and the event is
+        // written straight into its command: the megabytes of a media message are copied
+        // once into each command, never grown by doubling, never joined on the side.
+        let mut store = redis::Cmd::with_capacity(4, 64 + keys[1].len() + entry.json.len());
+        store
+            .arg("HSET")
             .arg(&keys[1])
             .arg(entry.id)
-            .arg(entry.json)
+            .arg(entry.json);
+        let event = EventArg(crate::chat::event::message_event_parts(
+            event_head, entry.json,
+        ));
+        let size: usize = event.0.iter().map(|part| part.len()).sum();
+        let mut publish = redis::Cmd::with_capacity(3, 64 + events.len() + size);
+        publish
+            .arg(if self.sharded { "SPUBLISH" } else { "PUBLISH" })
+            .arg(events)
+            .arg(event);
+        let mut pipe = redis::pipe();
+        pipe.cmd("MULTI")
+            .add_command(store)
             .cmd("EVAL")
             .arg(INDEX)
             .arg(4)
@@ -610,9 +643,7 @@ impl RedisStore {
             .arg(self.settings.history_max_bytes)
             .arg(self.settings.history_ttl_secs)
             .arg(if touch { "1" } else { "0" })
-            .cmd(if self.sharded { "SPUBLISH" } else { "PUBLISH" })
-            .arg(events)
-            .arg(event)
+            .add_command(publish)
             .cmd("EXEC");
         if let Some(wait) = wait {
             pipe.cmd("WAIT").arg(wait.replicas).arg(wait.timeout_ms);
@@ -748,13 +779,11 @@ impl Store for RedisStore {
                 return Ok(Appended::WouldCreate);
             }
         }
-        let event = crate::chat::event::message_event(event_head, entry.json);
         let events = self.keys.events(channel.as_str());
         let answer = self
-            .run_append(&keys, entry, &event, touch, &events)
+            .run_append(&keys, entry, event_head, touch, &events)
             .await
             .map_err(|e| timer.failed(e))?;
-        drop(event);
         timer.succeeded();
         let mut conn = self.conn.clone();
         if answer == 1 {
