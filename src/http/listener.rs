@@ -133,7 +133,10 @@ pub async fn serve(
         // No Nagle: chat frames are small and latency-bound (Nagle with delayed ACKs
         // added ~40 ms to deliveries).
         let _ = stream.set_nodelay(true);
-        let key = (!policy.proxies.is_trusted(peer.ip())).then_some(peer.ip());
+        // IPv4 peers of a dual-stack listener arrive as `::ffff:a.b.c.d`: keyed as such,
+        // they would all fall into one IPv6 /64 and share one cap.
+        let ip = super::client_ip::canonical(peer.ip());
+        let key = (!policy.proxies.is_trusted(ip)).then_some(ip);
         let permit = match caps.admit(key) {
             Ok(permit) => permit,
             Err(refusal) => {

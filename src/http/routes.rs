@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
@@ -198,20 +198,23 @@ impl SendMessageBody {
     }
 }
 
-/// The answer to a send: the original's `MessageResponse`, with the stored entry as
-/// `data`, written out as stored (a message can be megabytes: it is not parsed again).
-#[derive(serde::Serialize)]
-struct Sent {
-    success: bool,
-    message: &'static str,
-    data: Box<serde_json::value::RawValue>,
+/// The answer to a send: the original's `MessageResponse`, with the stored entry (JSON
+/// the service serialized) as `data`, written around it once at its final size: a
+/// message can be megabytes, so it is neither parsed again nor grown by doubling.
+fn sent(entry: &str) -> Response {
+    const HEAD: &str = r#"{"success":true,"message":"Message sent successfully","data":"#;
+    let mut body = String::with_capacity(HEAD.len() + entry.len() + 1);
+    body.push_str(HEAD);
+    body.push_str(entry);
+    body.push('}');
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn send_message(
     caller: Caller,
     State(state): State<AppState>,
     body: Budgeted,
-) -> AppResult<(Option<Extension<RateHeaders>>, Json<Sent>)> {
+) -> AppResult<(Option<Extension<RateHeaders>>, Response)> {
     let Budgeted { bytes, permit } = body;
     // A large body is parsed on the blocking pool and dropped there once parsed: only its
     // permits stay, until the send ends.
@@ -242,16 +245,13 @@ async fn send_message(
         .post(&sender, &channel, body.content, message_type, None)
         .instrument(span)
         .await?;
+    let answer = sent(&posted.message.entry);
+    drop(posted.message);
     drop(permit);
     crate::metrics::message_received("rest");
     Ok((
         posted.budget.map(|v| Extension(RateHeaders(vec![v]))),
-        Json(Sent {
-            success: true,
-            message: "Message sent successfully",
-            data: serde_json::value::RawValue::from_string(posted.message.entry)
-                .map_err(|e| ApiError::Internal(format!("stored entry is not JSON: {e}")))?,
-        }),
+        answer,
     ))
 }
 

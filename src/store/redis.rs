@@ -290,6 +290,12 @@ const NOT_MIGRATED_ANSWER: i64 = -1;
 /// layout keeps adding to the list).
 const MIGRATE_RETRIES: usize = 3;
 
+/// Most migration steps one call runs: the original kept at most 1,000 entries, each
+/// moved in a step of its own at worst (a step moves one entry over 1 MiB alone); more
+/// means a writer of the old layout keeps adding to the list (not supported), and the
+/// call gives up instead of spinning.
+const MIGRATE_MAX_STEPS: usize = 1_100;
+
 /// Most entries and bytes one migration step moves (at least one entry).
 const MIGRATE_ENTRIES: usize = 32;
 const MIGRATE_BYTES: usize = 1 << 20;
@@ -704,8 +710,14 @@ impl RedisStore {
     async fn migrate(&self, channel: &ChannelName) -> redis::RedisResult<()> {
         let keys = self.keys.history(channel);
         let mut conn = self.conn.clone();
-        let mut steps = 0u64;
+        let mut steps = 0usize;
         loop {
+            if steps == MIGRATE_MAX_STEPS {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "the original's history list keeps growing while it is migrated",
+                )));
+            }
             let left: i64 = self
                 .scripts
                 .migrate
@@ -730,12 +742,14 @@ impl RedisStore {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<(i64, T)>>,
     {
-        for _ in 0..MIGRATE_RETRIES {
+        for attempt in 0..=MIGRATE_RETRIES {
             let (answer, value) = run().await?;
             if answer != NOT_MIGRATED_ANSWER {
                 return Ok(value);
             }
-            self.migrate(channel).await?;
+            if attempt < MIGRATE_RETRIES {
+                self.migrate(channel).await?;
+            }
         }
         Err(redis::RedisError::from((
             redis::ErrorKind::Io,
@@ -1107,9 +1121,10 @@ pub struct NodeMemory {
 
 impl NodeMemory {
     /// Whether the policy can evict chatgate's keys: every one but `noeviction` can,
-    /// since all of them (rate budgets, presence, history) carry a TTL.
+    /// since all of them (rate budgets, presence, history) carry a TTL; without a
+    /// `maxmemory` nothing is evicted whatever the policy.
     pub fn evicts(&self) -> bool {
-        self.policy != "noeviction"
+        self.max > 0 && self.policy != "noeviction"
     }
 
     /// Whether used memory has passed `ratio` of `maxmemory`.
@@ -1234,6 +1249,14 @@ mod tests {
         };
         assert!(!unlimited.evicts());
         assert!(!unlimited.past(0.01), "no maxmemory, no guard");
+        let lru_without_limit = NodeMemory {
+            policy: "allkeys-lru".into(),
+            ..unlimited
+        };
+        assert!(
+            !lru_without_limit.evicts(),
+            "nothing is evicted without a maxmemory"
+        );
         assert_eq!(NodeMemory::parse("used_memory:1\r\n"), None);
 
         let mut found = Vec::new();

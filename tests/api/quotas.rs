@@ -219,6 +219,8 @@ async fn an_evicting_maxmemory_policy_is_refused_outside_dev_mode() {
         .arg("SET")
         .arg("maxmemory-policy")
         .arg("allkeys-lru")
+        .arg("maxmemory")
+        .arg("1gb")
         .query_async(&mut conn)
         .await
         .unwrap();
