@@ -206,11 +206,24 @@ impl Application {
         let metrics = crate::metrics::install();
         let admin = if config.admin.enabled {
             let addr = format!("{}:{}", config.admin.host, config.admin.port);
-            Some(
-                bind(&addr)
-                    .await
-                    .map_err(|source| StartupError::Bind { addr, source })?,
-            )
+            match bind(&addr).await {
+                Ok(listener) => Some(listener),
+                // Trying chatgate out (or running two replicas on one machine) must not
+                // fail on a port that something else, often Prometheus itself, holds.
+                Err(e) if config.dev && e.kind() == std::io::ErrorKind::AddrInUse => {
+                    let any = format!("{}:0", config.admin.host);
+                    let listener = bind(&any)
+                        .await
+                        .map_err(|source| StartupError::Bind { addr: any, source })?;
+                    tracing::warn!(
+                        wanted = %addr,
+                        bound = %listener.local_addr().map_err(|source| StartupError::Bind { addr: addr.clone(), source })?,
+                        "admin port taken: dev mode listens on a free port instead (set CHATGATE_ADMIN__PORT to choose)"
+                    );
+                    Some(listener)
+                }
+                Err(source) => return Err(StartupError::Bind { addr, source }),
+            }
         } else {
             None
         };

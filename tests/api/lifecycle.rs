@@ -85,3 +85,29 @@ async fn in_process_drain_closes_sockets_and_stops() {
     let close = client.closed().await.expect("a close frame");
     assert_eq!(u16::from(close.code), 1001);
 }
+
+#[tokio::test]
+async fn dev_mode_moves_the_admin_listener_off_a_taken_port() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let app = TestApp::spawn(None, &[("CHATGATE_ADMIN__PORT", port.as_str())]).await;
+    assert_ne!(app.admin_port.to_string(), port);
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", app.admin_port))
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    // Outside dev mode the configured port is a promise (Prometheus scrapes it): refused.
+    let config = crate::helpers::secure_config(
+        None,
+        &[
+            ("CHATGATE_ADMIN__PORT", port.as_str()),
+            ("CHATGATE_AUTH__ALGORITHMS", "HS256"),
+            (
+                "CHATGATE_AUTH__HMAC_SECRET",
+                "an-hmac-secret-of-at-least-32-bytes-for-tests",
+            ),
+        ],
+    );
+    let refused = chatgate::app::Application::build(config).await;
+    assert!(refused.err().unwrap().to_string().contains("cannot listen"));
+}
