@@ -225,6 +225,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for Deadlines<T> {
     }
 }
 
+impl<T> Deadlines<T> {
+    /// Counts a write that went through (both write paths).
+    fn after_write(&mut self, written: &Poll<io::Result<usize>>) {
+        if !self.passthrough
+            && let Poll::Ready(Ok(n)) = written
+        {
+            self.observe();
+            self.wrote(*n);
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for Deadlines<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -233,12 +245,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Deadlines<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let written = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if !this.passthrough
-            && let Poll::Ready(Ok(n)) = written
-        {
-            this.observe();
-            this.wrote(n);
-        }
+        this.after_write(&written);
         written
     }
 
@@ -249,12 +256,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Deadlines<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if !this.passthrough
-            && let Poll::Ready(Ok(n)) = written
-        {
-            this.observe();
-            this.wrote(n);
-        }
+        this.after_write(&written);
         written
     }
 
